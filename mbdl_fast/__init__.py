@@ -1,3 +1,16 @@
-"""mbdl_fast: fast model-based deep learning for imaging inverse problems."""
+"""mbdl_fast: fast model-based deep learning (DEQ, deep unfolding) for imaging inverse problems.
+
+The pieces users drop into their own code:
+
+- ``mbdl_fast.physics``: operators with deepinv's interface (``MRI``, ``MultiCoilMRI``, ...);
+- ``mbdl_fast.dc_step(physics, x, y, gamma, backend="auto")``: the fused data-consistency step;
+- ``mbdl_fast.backends()``: which backends run here, and why not;
+- ``mbdl_fast.metrics``, ``mbdl_fast.data``: metrics and shipped data.
+"""
+
+from mbdl_fast.backends import backends
+from mbdl_fast.dc import dc_step
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "backends", "dc_step"]

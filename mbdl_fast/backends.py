@@ -1,0 +1,101 @@
+"""The one backend switch: which implementations of the fused operators exist here, and which to use.
+
+Backends:
+- ``torch``: plain PyTorch, the readable reference; always available, any device.
+- ``triton``: fused Triton kernels (``mbdl_fast.kernels``); CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` (the interpreter, for tests only: slow).
+- ``cuda``: the compiled extension ``mbdl_fast._C`` (``csrc/``); CUDA tensors.
+
+``auto`` picks, for the tensor's device, the fastest available backend that the operator supports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+# Fastest first, per device type, as the benchmarks in bench/ measure it.
+_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and why not when it cannot."""
+
+    available: bool
+    reason: str
+
+
+_TRITON_STATUS: list[BackendStatus] = []  # filled once; a plain list, not lru_cache, so dynamo traces it cleanly
+
+
+def _triton_import_status() -> BackendStatus:
+    if not _TRITON_STATUS:
+        try:
+            import triton
+
+            _TRITON_STATUS.append(BackendStatus(True, f"triton {triton.__version__}"))
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            reason = f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+            _TRITON_STATUS.append(BackendStatus(False, reason))
+    return _TRITON_STATUS[0]
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _status(name: str, device_type: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus(True, f"torch {torch.__version__}")
+    if name == "triton":
+        imported = _triton_import_status()
+        if not imported.available:
+            return imported
+        if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return BackendStatus(False, "no CUDA device visible to torch")
+            return imported
+        if triton_interpreter():
+            return BackendStatus(True, f"{imported.reason}, CPU interpreter (TRITON_INTERPRET=1; for tests, slow)")
+        return BackendStatus(False, f"triton needs a CUDA tensor (got {device_type}); set TRITON_INTERPRET=1 to interpret on CPU")
+    if name == "cuda":
+        from mbdl_fast._extension import cuda_extension_status
+
+        ok, reason = cuda_extension_status()
+        if ok and device_type != "cuda":
+            return BackendStatus(False, f"the cuda backend needs CUDA tensors (got {device_type})")
+        return BackendStatus(ok, reason)
+    raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {name!r}")
+
+
+def backends(device: str | torch.device | None = None) -> dict[str, BackendStatus]:
+    """Availability of every backend for ``device`` (default: cuda if visible, else cpu), with reasons."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return {name: _status(name, device_type) for name in BACKENDS}
+
+
+def resolve_backend(requested: str, device: torch.device, supported: tuple[str, ...]) -> str:
+    """Turn ``requested`` (a backend name or ``auto``) into a backend that can run ``supported`` ops on ``device``.
+
+    An explicit request that cannot be honoured is an error with the reason, never a silent fallback.
+    """
+    if requested == "auto":
+        for name in _PREFERENCE.get(device.type, ("torch",)):
+            if name in supported and _status(name, device.type).available:
+                return name
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {requested!r}")
+    if requested not in supported:
+        raise ValueError(f"backend: {requested!r} is not implemented for this operator; supported: {supported}")
+    status = _status(requested, device.type)
+    if not status.available:
+        raise RuntimeError(f"backend: {requested!r} is unavailable on {device}: {status.reason}")
+    return requested

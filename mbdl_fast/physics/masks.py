@@ -1,0 +1,133 @@
+"""Undersampling masks for Cartesian MRI, as fastMRI's ``subsample.py`` and SPADE define them.
+
+Column masks are returned as float32 tensors of shape ``(1, W)`` (they broadcast against k-space
+``(B, C, H, W)`` and vary along W only); 2-D masks as ``(H, W)``. ``mask_axes`` tells along which
+axes a mask varies, which is what lets the DC step transform along that axis only.
+
+fastMRI's formulas (``RandomMaskFunc`` / ``EquispacedMaskFunc``):
+
+- low frequencies: ``num_low = round(W * center_fraction)``, a centred band starting at
+  ``(W - num_low + 1) // 2``;
+- random: every other column kept with probability ``(W / R - num_low) / (W - num_low)``;
+- equispaced: columns ``round(offset + k * R')`` with ``R' = R (num_low - W) / (num_low R - W)``
+  and a random ``offset`` in ``[0, round(R'))``.
+
+SPADE's uniform mask: every R-th column plus a centred ACS band of ``int(W * 0.2 * 2 / R)`` columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _rng(seed: int | None) -> np.random.RandomState:
+    return np.random.RandomState(seed)
+
+
+def _check_common(num_cols: int, acceleration: float) -> None:
+    if not isinstance(num_cols, int) or num_cols < 2:
+        raise ValueError(f"num_cols: expected an int >= 2, got {num_cols!r}")
+    if not acceleration >= 1:
+        raise ValueError(f"acceleration: expected a number >= 1, got {acceleration!r}")
+
+
+def _low_freq_band(num_cols: int, center_fraction: float) -> tuple[int, int]:
+    if not 0 <= center_fraction <= 1:
+        raise ValueError(f"center_fraction: expected a number in [0, 1], got {center_fraction!r}")
+    num_low = int(round(num_cols * center_fraction))
+    start = (num_cols - num_low + 1) // 2
+    return start, num_low
+
+
+def _as_column_mask(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(mask.astype(np.float32)).reshape(1, -1)
+
+
+def random_mask(num_cols: int, acceleration: float, center_fraction: float, seed: int | None = None) -> torch.Tensor:
+    """fastMRI's random column mask, ``(1, W)`` float32 of 0/1."""
+    _check_common(num_cols, acceleration)
+    start, num_low = _low_freq_band(num_cols, center_fraction)
+    if num_low >= num_cols / acceleration and acceleration > 1:
+        raise ValueError(
+            f"center_fraction: {center_fraction} keeps {num_low} of {num_cols} columns, more than 1/{acceleration} of them"
+        )
+    prob = (num_cols / acceleration - num_low) / (num_cols - num_low) if num_cols > num_low else 1.0
+    mask = _rng(seed).uniform(size=num_cols) < prob
+    mask[start : start + num_low] = True
+    return _as_column_mask(mask)
+
+
+def equispaced_mask(num_cols: int, acceleration: float, center_fraction: float, seed: int | None = None) -> torch.Tensor:
+    """fastMRI's equispaced column mask (``EquispacedMaskFunc``), ``(1, W)`` float32 of 0/1."""
+    _check_common(num_cols, acceleration)
+    start, num_low = _low_freq_band(num_cols, center_fraction)
+    mask = np.zeros(num_cols, dtype=bool)
+    mask[start : start + num_low] = True
+    if num_low * acceleration == num_cols:
+        raise ValueError(f"center_fraction: {center_fraction} with acceleration {acceleration} leaves no outer columns")
+    adjusted = (acceleration * (num_low - num_cols)) / (num_low * acceleration - num_cols)
+    offset = _rng(seed).randint(0, max(1, round(adjusted)))
+    samples = np.around(np.arange(offset, num_cols - 1, adjusted)).astype(np.uint64)
+    mask[samples] = True
+    return _as_column_mask(mask)
+
+
+def uniform_acs_mask(num_cols: int, acceleration: int) -> torch.Tensor:
+    """SPADE's uniform mask: every R-th column plus a centred ACS band of ``int(W * 0.2 * 2 / R)`` columns."""
+    _check_common(num_cols, acceleration)
+    if int(acceleration) != acceleration:
+        raise ValueError(f"acceleration: expected an integer for the uniform mask, got {acceleration!r}")
+    r = int(acceleration)
+    mask = np.zeros(num_cols, dtype=bool)
+    mask[::r] = True
+    num_acs = int(num_cols * 0.2 * 2 / r)
+    start = (num_cols - num_acs + 1) // 2
+    mask[start : start + num_acs] = True
+    return _as_column_mask(mask)
+
+
+def variable_density_mask(
+    shape: tuple[int, int], acceleration: float, center_fraction: float = 0.08, decay: float = 2.0, seed: int | None = None
+) -> torch.Tensor:
+    """2-D variable-density random mask ``(H, W)``: a fully sampled centred square of side
+    ``center_fraction * min(H, W)`` and elsewhere i.i.d. sampling with probability ∝ (1 - r)^decay
+    (r the normalised radius), scaled so that about ``H * W / acceleration`` points are kept."""
+    h, w = shape
+    if acceleration < 1:
+        raise ValueError(f"acceleration: expected a number >= 1, got {acceleration!r}")
+    ky = (np.arange(h) - h // 2) / (h / 2)
+    kx = (np.arange(w) - w // 2) / (w / 2)
+    r = np.clip(np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) / np.sqrt(2), 0, 1)
+    density = (1 - r) ** decay
+    half = max(1, int(round(center_fraction * min(h, w) / 2)))
+    center = np.zeros((h, w), dtype=bool)
+    center[h // 2 - half : h // 2 + half, w // 2 - half : w // 2 + half] = True
+    budget = h * w / acceleration - center.sum()
+    outer = density * ~center
+    if budget <= 0 or outer.sum() == 0:
+        raise ValueError(f"center_fraction: {center_fraction} already keeps more than 1/{acceleration} of the points")
+    # Bisection on the scale so the expected count hits the budget (probabilities are clipped at 1).
+    lo, hi = 0.0, 1.0
+    while np.minimum(hi * outer, 1).sum() < budget:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.minimum(mid * outer, 1).sum() < budget else (lo, mid)
+    prob = np.minimum(hi * outer, 1)
+    mask = (_rng(seed).uniform(size=(h, w)) < prob) | center
+    return torch.from_numpy(mask.astype(np.float32))
+
+
+def mask_axes(mask: torch.Tensor, height: int, width: int) -> tuple[int, ...]:
+    """The image axes (-2 for H, -1 for W) along which ``mask`` (broadcastable to (..., H, W)) varies.
+
+    A Cartesian column mask gives ``(-1,)``, a row mask ``(-2,)``, a 2-D pattern ``(-2, -1)``; a
+    constant mask gives ``()``. Leading (batch, coil) dims must be 1: a mask that changes per
+    sample is treated as 2-D per sample by the caller.
+    """
+    m = mask.reshape(mask.shape[-2:]) if mask.dim() >= 2 else mask.reshape(1, -1)
+    m = m.expand(height, width)
+    varies_h = bool((m != m[:1, :]).any())
+    varies_w = bool((m != m[:, :1]).any())
+    return tuple(d for d, v in ((-2, varies_h), (-1, varies_w)) if v)
