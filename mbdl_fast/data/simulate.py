@@ -114,11 +114,12 @@ def smooth_phase(
         raise ValueError(f"max_phase: expected a number >= 0, got {max_phase!r}")
     if not isinstance(order, int) or order < 0:
         raise ValueError(f"order: expected an int >= 0, got {order!r}")
-    powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
     g = _generator(seed) if seed is not None else None
-    coef = torch.randn(len(powers), generator=g, dtype=torch.float64)
+    p = torch.arange(order + 1)
+    # coef[j, i] multiplies y^j x^i; only total degrees i + j <= order are kept.
+    coef = torch.randn(order + 1, order + 1, generator=g, dtype=torch.float64) * (p[:, None] + p[None, :] <= order)
     y, x = _grid(hw)
-    phi = sum(c * x**i * y**j for c, (i, j) in zip(coef, powers))
+    phi = (y**p) @ coef @ (x.reshape(-1, 1) ** p).T  # Σ_ij coef[j, i] y^j x^i as a separable (H, W) product
     peak = phi.abs().max()
     phi = phi * (max_phase / peak) if peak > 0 else phi * 0
     return phi.to(torch.float32)

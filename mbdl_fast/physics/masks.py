@@ -21,8 +21,12 @@ import numpy as np
 import torch
 
 
-def _rng(seed: int | None) -> np.random.RandomState:
-    return np.random.RandomState(seed)
+def _fastmri_rng(seed: int | None) -> np.random.RandomState:
+    """fastMRI's generator state after ``choose_acceleration`` (one ``randint`` draw), so that the
+    same seed gives fastMRI's mask bit for bit."""
+    rng = np.random.RandomState(seed)
+    rng.randint(1)
+    return rng
 
 
 def _check_common(num_cols: int, acceleration: float) -> None:
@@ -53,21 +57,34 @@ def random_mask(num_cols: int, acceleration: float, center_fraction: float, seed
             f"center_fraction: {center_fraction} keeps {num_low} of {num_cols} columns, more than 1/{acceleration} of them"
         )
     prob = (num_cols / acceleration - num_low) / (num_cols - num_low) if num_cols > num_low else 1.0
-    mask = _rng(seed).uniform(size=num_cols) < prob
+    mask = _fastmri_rng(seed).uniform(size=num_cols) < prob
     mask[start : start + num_low] = True
     return _as_column_mask(mask)
 
 
-def equispaced_mask(num_cols: int, acceleration: float, center_fraction: float, seed: int | None = None) -> torch.Tensor:
-    """fastMRI's equispaced column mask (``EquispacedMaskFunc``), ``(1, W)`` float32 of 0/1."""
+def equispaced_mask(
+    num_cols: int, acceleration: int, center_fraction: float, seed: int | None = None, exact_fraction: bool = True
+) -> torch.Tensor:
+    """fastMRI's equispaced column mask, ``(1, W)`` float32 of 0/1.
+
+    ``exact_fraction=True`` is ``EquispacedMaskFractionFunc`` (the outer spacing is adjusted so that
+    exactly 1/R of all columns are kept, the challenge's mask); ``False`` is ``EquispacedMaskFunc``
+    (every R-th column from a random offset, plus the centre).
+    """
     _check_common(num_cols, acceleration)
     start, num_low = _low_freq_band(num_cols, center_fraction)
     mask = np.zeros(num_cols, dtype=bool)
     mask[start : start + num_low] = True
-    if num_low * acceleration == num_cols:
+    rng = _fastmri_rng(seed)
+    if not exact_fraction:
+        if int(acceleration) != acceleration:
+            raise ValueError(f"acceleration: expected an integer with exact_fraction=False, got {acceleration!r}")
+        mask[rng.randint(0, high=round(acceleration)) :: int(acceleration)] = True
+        return _as_column_mask(mask)
+    if num_low * acceleration >= num_cols:
         raise ValueError(f"center_fraction: {center_fraction} with acceleration {acceleration} leaves no outer columns")
     adjusted = (acceleration * (num_low - num_cols)) / (num_low * acceleration - num_cols)
-    offset = _rng(seed).randint(0, max(1, round(adjusted)))
+    offset = rng.randint(0, high=round(adjusted))
     samples = np.around(np.arange(offset, num_cols - 1, adjusted)).astype(np.uint64)
     mask[samples] = True
     return _as_column_mask(mask)
@@ -115,7 +132,7 @@ def variable_density_mask(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if np.minimum(mid * outer, 1).sum() < budget else (lo, mid)
     prob = np.minimum(hi * outer, 1)
-    mask = (_rng(seed).uniform(size=(h, w)) < prob) | center
+    mask = (np.random.RandomState(seed).uniform(size=(h, w)) < prob) | center
     return torch.from_numpy(mask.astype(np.float32))
 
 

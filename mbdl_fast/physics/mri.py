@@ -80,7 +80,7 @@ class MultiCoilMRI(LinearPhysics):
     def _set_coil_maps(self, coil_maps: torch.Tensor | None) -> None:
         if coil_maps is not None:
             check_complex("coil_maps", coil_maps, "(B, C, H, W)", 4)
-            if coil_maps.dtype != torch.complex64:
+            if coil_maps.dtype not in (torch.complex64, torch.complex128):
                 raise TypeError(f"coil_maps: expected complex64 (B, C, H, W), got {describe(coil_maps)}")
             check_finite("coil_maps", coil_maps)
         self.coil_maps = coil_maps
@@ -113,6 +113,8 @@ class MultiCoilMRI(LinearPhysics):
     def _check_image(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.complex64 and x.dtype != torch.complex128:
             raise TypeError(f"{name}: expected complex64 (B, H, W), got {describe(x)}")
+        if self.coil_maps is not None and self.coil_maps.dtype != x.dtype:
+            raise TypeError(f"coil_maps: expected {x.dtype} like {name}, got {describe(self.coil_maps)}")
         b, h, w = x.shape
         check_broadcastable("mask", self.mask, (b, 1, h, w), "k-space (B, C, H, W)")
         check_same_device([(name, x), ("mask", self.mask)])
