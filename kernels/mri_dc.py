@@ -189,7 +189,7 @@ def _axis_modes(shape: tuple[int, int], dims: tuple[int, ...]) -> tuple[int, int
 def _centre_sign(shape: tuple[int, int], dims: tuple[int, ...]) -> float:
     """c = Π (-1)^(n/2) over the even transformed axes."""
     c = 1.0
-    for d, n in zip((-2, -1), shape):
+    for d, n in zip((-2, -1), shape, strict=True):
         if d in dims and n % 2 == 0:
             c *= (-1.0) ** (n // 2)
     return c
@@ -197,7 +197,7 @@ def _centre_sign(shape: tuple[int, int], dims: tuple[int, ...]) -> float:
 
 def _mask_strides(mask: torch.Tensor) -> tuple[int, int, int]:
     """Element strides (batch, h, w) of a (B|1, 1, H|1, W|1) mask, 0 on broadcast axes."""
-    sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride()))
+    sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
     return sb, sh, sw
 
 

@@ -75,8 +75,10 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], layout: s
 def check_broadcastable(name: str, t: torch.Tensor, target: tuple[int, ...], layout: str) -> torch.Tensor:
     """``t`` must broadcast to ``target`` without growing ``target`` (no silent broadcast of the data)."""
     if t.dim() > len(target):
-        raise ValueError(f"{name}: expected at most {len(target)} dims broadcastable to {layout} {target}, got {describe(t)}")
-    for got, want in zip(reversed(t.shape), reversed(target)):
+        raise ValueError(
+            f"{name}: expected at most {len(target)} dims broadcastable to {layout} {target}, got {describe(t)}"
+        )
+    for got, want in zip(reversed(t.shape), reversed(target), strict=False):
         if got not in (1, want):
             raise ValueError(f"{name}: expected a shape broadcastable to {layout} {target}, got {describe(t)}")
     return t

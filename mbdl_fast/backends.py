@@ -62,7 +62,9 @@ def _status(name: str, device_type: str) -> BackendStatus:
             return imported
         if triton_interpreter():
             return BackendStatus(True, f"{imported.reason}, CPU interpreter (TRITON_INTERPRET=1; for tests, slow)")
-        return BackendStatus(False, f"triton needs a CUDA tensor (got {device_type}); set TRITON_INTERPRET=1 to interpret on CPU")
+        return BackendStatus(
+            False, f"triton needs a CUDA tensor (got {device_type}); set TRITON_INTERPRET=1 to interpret on CPU"
+        )
     if name == "cuda":
         from mbdl_fast._extension import cuda_extension_status
 

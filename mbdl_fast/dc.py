@@ -139,7 +139,9 @@ def _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, dims):
 
     h, w = x.shape[-2:]
     if y is None or h % 2 or w % 2:
-        raise ValueError(f"backend 'cuda': supports even sizes with y given; got {(h, w)}, y={'given' if y is not None else None}")
+        raise ValueError(
+            f"backend 'cuda': supports even sizes with y given; got {(h, w)}, y={'given' if y is not None else None}"
+        )
     sign, c = shift_signs((h, w), (0, 1), x.device)
     expanded = x.unsqueeze(1) if coil_maps is None else coil_maps * x.unsqueeze(1)
     z = torch.fft.fft2(expanded * sign, norm="ortho").contiguous()
@@ -163,7 +165,9 @@ def _gamma_vector(gamma: float | torch.Tensor, batch: int, device: torch.device)
     if not isinstance(gamma, torch.Tensor):
         return torch.full((batch,), float(gamma), dtype=torch.float32, device=device)
     if gamma.is_complex() or gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != batch):
-        raise ValueError(f"gamma: expected a real scalar or a ({batch},) tensor (one per sample), got {describe(gamma)}")
+        raise ValueError(
+            f"gamma: expected a real scalar or a ({batch},) tensor (one per sample), got {describe(gamma)}"
+        )
     check_same_device([("x", torch.empty(0, device=device)), ("gamma", gamma)])
     return gamma.to(torch.float32).expand(batch).contiguous() if gamma.dim() == 0 else gamma.to(torch.float32)
 
@@ -217,9 +221,9 @@ def _mri_dc_step(physics, x, y, gamma, backend, ahy):
     if y is not None:
         y = physics._kspace_in("y", y, img)
     if ahy is not None:
-        ahy, _ = physics._image_in("AHy", ahy)
-        if ahy.shape != img.shape:
+        if isinstance(ahy, torch.Tensor) and ahy.shape != x.shape:
             raise ValueError(f"AHy: expected complex64 {tuple(img.shape)} like x, got {describe(ahy)}")
+        ahy, _ = physics._image_in("AHy", ahy)
     h, w = img.shape[-2:]
     if backend == "torch":
         if ahy is None:

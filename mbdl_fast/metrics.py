@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import conv2d
 
 from mbdl_fast._validate import check_finite, check_same_device, check_tensor, describe
 
@@ -103,8 +103,8 @@ def ssim(
     # Five local moments in one depthwise, separable, valid convolution.
     stack = torch.cat((xs, ts, xs * xs, ts * ts, xs * ts), dim=1)
     w = taps.to(stack.device)
-    stack = F.conv2d(stack, w.view(1, 1, win, 1).expand(5, 1, win, 1), groups=5)
-    stack = F.conv2d(stack, w.view(1, 1, 1, win).expand(5, 1, 1, win), groups=5)
+    stack = conv2d(stack, w.view(1, 1, win, 1).expand(5, 1, win, 1), groups=5)
+    stack = conv2d(stack, w.view(1, 1, 1, win).expand(5, 1, 1, win), groups=5)
     mx, mt, mxx, mtt, mxt = stack.unbind(dim=1)
     vx = cov_norm * (mxx - mx * mx)
     vt = cov_norm * (mtt - mt * mt)
@@ -116,7 +116,7 @@ def ssim(
     return _reduce(smap.mean(dim=(1, 2)), reduction)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _window_taps(window: str) -> tuple[torch.Tensor, float]:
     """1-D taps (float64, CPU) of the separable window, and the covariance normalisation."""
     if window == "gaussian":
@@ -174,7 +174,9 @@ def _data_range(data_range: float | torch.Tensor | None, ts: torch.Tensor) -> to
         return r
     if isinstance(data_range, torch.Tensor):
         if data_range.numel() not in (1, batch) or data_range.dim() > 1:
-            raise ValueError(f"data_range: expected a scalar or shape ({batch},) (one per image), got {describe(data_range)}")
+            raise ValueError(
+                f"data_range: expected a scalar or shape ({batch},) (one per image), got {describe(data_range)}"
+            )
         r = data_range.to(device=ts.device, dtype=torch.float64).reshape(-1).expand(batch)
     elif isinstance(data_range, (int, float)) and not isinstance(data_range, bool):
         r = torch.full((batch,), float(data_range), dtype=torch.float64, device=ts.device)
@@ -184,4 +186,3 @@ def _data_range(data_range: float | torch.Tensor | None, ts: torch.Tensor) -> to
         shown = data_range if not isinstance(data_range, torch.Tensor) else data_range.tolist()
         raise ValueError(f"data_range: expected positive finite values, got {shown}")
     return r
-

@@ -61,7 +61,9 @@ class LinearPhysics(torch.nn.Module):
         """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||², by CG on (I + gamma A^H A) x = z + gamma A^H y."""
         g = _gamma_view(gamma, z)
         rhs = z + g * self.A_adjoint(y)
-        x, info = conjugate_gradient(lambda v: v + g * self.A_adjoint_A(v), rhs, x0=z, tol=self.cg_tol, max_iter=self.cg_max_iter)
+        x, info = conjugate_gradient(
+            lambda v: v + g * self.A_adjoint_A(v), rhs, x0=z, tol=self.cg_tol, max_iter=self.cg_max_iter
+        )
         self.last_prox_info = info
         return x
 
@@ -79,8 +81,12 @@ def _gamma_view(gamma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor | 
     """A scalar, or a per-sample step size (B,) viewed to broadcast over x's trailing dims."""
     if isinstance(gamma, torch.Tensor) and gamma.dim() == 1:
         if gamma.shape[0] != x.shape[0]:
-            raise ValueError(f"gamma: expected a scalar or shape ({x.shape[0]},) (one per sample), got {tuple(gamma.shape)}")
+            raise ValueError(
+                f"gamma: expected a scalar or shape ({x.shape[0]},) (one per sample), got {tuple(gamma.shape)}"
+            )
         return gamma.view((-1,) + (1,) * (x.dim() - 1))
     if isinstance(gamma, torch.Tensor) and gamma.dim() != 0:
-        raise ValueError(f"gamma: expected a scalar or shape ({x.shape[0]},) (one per sample), got {tuple(gamma.shape)}")
+        raise ValueError(
+            f"gamma: expected a scalar or shape ({x.shape[0]},) (one per sample), got {tuple(gamma.shape)}"
+        )
     return gamma

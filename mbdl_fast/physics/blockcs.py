@@ -230,6 +230,8 @@ def _gamma_in_measurement_space(gamma: float | torch.Tensor, y: torch.Tensor) ->
     """A scalar, or a per-sample step ``(B,)`` viewed as ``(B, 1, 1)`` against ``y``."""
     if isinstance(gamma, torch.Tensor):
         if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != y.shape[0]):
-            raise ValueError(f"gamma: expected a scalar or shape ({y.shape[0]},) (one per sample), got {tuple(gamma.shape)}")
+            raise ValueError(
+                f"gamma: expected a scalar or shape ({y.shape[0]},) (one per sample), got {tuple(gamma.shape)}"
+            )
         return gamma.to(y.dtype).reshape(-1, 1, 1) if gamma.dim() == 1 else gamma.to(y.dtype)
     return gamma

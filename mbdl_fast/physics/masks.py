@@ -105,7 +105,11 @@ def uniform_acs_mask(num_cols: int, acceleration: int) -> torch.Tensor:
 
 
 def variable_density_mask(
-    shape: tuple[int, int], acceleration: float, center_fraction: float = 0.08, decay: float = 2.0, seed: int | None = None
+    shape: tuple[int, int],
+    acceleration: float,
+    center_fraction: float = 0.08,
+    decay: float = 2.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """2-D variable-density random mask ``(H, W)``: a fully sampled centred square of side
     ``center_fraction * min(H, W)`` and elsewhere i.i.d. sampling with probability ∝ (1 - r)^decay

@@ -140,10 +140,14 @@ class MultiCoilMRI(LinearPhysics):
         else:
             check_complex(name, y, "k-space (B, C, H, W)", 4)
         if y.shape[1] != self.num_coils:
-            raise ValueError(f"{name}: expected k-space (B, {self.num_coils}, H, W) ({self.num_coils} coils), got {describe(y)}")
+            raise ValueError(
+                f"{name}: expected k-space (B, {self.num_coils}, H, W) ({self.num_coils} coils), got {describe(y)}"
+            )
         if image is not None and (y.shape[0] != image.shape[0] or y.shape[-2:] != image.shape[-2:]):
             b, h, w = image.shape
-            raise ValueError(f"{name}: expected k-space ({b}, {self.num_coils}, {h}, {w}) to match the image, got {describe(y)}")
+            raise ValueError(
+                f"{name}: expected k-space ({b}, {self.num_coils}, {h}, {w}) to match the image, got {describe(y)}"
+            )
         check_same_device([(name, y), ("mask", self.mask)])
         if image is None:
             self._check_image(name, y[:, 0])
@@ -200,7 +204,7 @@ class MultiCoilMRI(LinearPhysics):
         z_img, channel = self._image_in("z", z)
         y = self._kspace_in("y", y, z_img)
         g = _gamma_view(gamma, y)
-        m = self.mask
+        m = self.mask.to(z_img.real.dtype)  # a float32 mask would round a float64 prox
         x = ifftc((fftc(z_img.unsqueeze(1)) + g * m * y) / (1 + g * m * m))[:, 0]
         return self._image_out(x, channel)
 

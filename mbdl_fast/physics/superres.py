@@ -50,7 +50,12 @@ __all__ = ["SuperResolution"]
 
 _KERNELS = ("gaussian", "bicubic", "box")
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-_REAL_OF = {torch.float32: torch.float32, torch.float64: torch.float64, torch.complex64: torch.float32, torch.complex128: torch.float64}
+_REAL_OF = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
 
 
 class SuperResolution(LinearPhysics):
@@ -103,7 +108,9 @@ class SuperResolution(LinearPhysics):
     def _set_img_size(self, img_size: tuple[int, int] | None) -> None:
         self.img_size = _check_img_size(img_size, self.factor)
 
-    def spectrum(self, H: int, W: int, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def spectrum(
+        self, H: int, W: int, device: torch.device | str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel spectrum ``K = fft2(k padded)`` ``(H, W)`` and ``BM(|K|²)`` ``(H/s, W/s)``, cached.
 
         ``dtype`` is the image dtype (real or complex); ``K`` is complex of the matching precision and
@@ -171,7 +178,9 @@ class SuperResolution(LinearPhysics):
                 f"{name}: expected float32/float64 (B, C, H, W) or complex64/complex128 (B, H, W), got {describe(t)}"
             )
         if t.dim() not in (3, 4):
-            raise ValueError(f"{name}: expected real (B, C, H, W) or complex (B, H, W) / (B, 1, H, W), got {describe(t)}")
+            raise ValueError(
+                f"{name}: expected real (B, C, H, W) or complex (B, H, W) / (B, 1, H, W), got {describe(t)}"
+            )
         return t
 
     def _check_image(self, name: str, x: object) -> None:
@@ -179,7 +188,9 @@ class SuperResolution(LinearPhysics):
         H, W = x.shape[-2:]
         s = self.factor
         if H % s or W % s:
-            raise ValueError(f"{name}: expected H and W divisible by factor={s}, got (H, W) = ({H}, {W}) ({describe(x)})")
+            raise ValueError(
+                f"{name}: expected H and W divisible by factor={s}, got (H, W) = ({H}, {W}) ({describe(x)})"
+            )
         if self.img_size is not None and (H, W) != self.img_size:
             raise ValueError(f"{name}: expected (H, W) = {self.img_size} (img_size), got {describe(x)}")
 
@@ -253,7 +264,9 @@ def _keys_cubic(t: torch.Tensor) -> torch.Tensor:
     return torch.where(a <= 1, inner, torch.where(a < 2, outer, torch.zeros_like(a)))
 
 
-def _aligned_taps(profile: Callable[[torch.Tensor], torch.Tensor], radius: float, s: int, open_support: bool) -> tuple[torch.Tensor, int]:
+def _aligned_taps(
+    profile: Callable[[torch.Tensor], torch.Tensor], radius: float, s: int, open_support: bool
+) -> tuple[torch.Tensor, int]:
     """1-D taps of a symmetric ``profile`` centred on the block centre (s - 1)/2, normalised to sum 1.
 
     Output pixel n (before decimation) reads ``x[n + d]`` with weight ``profile(d - (s - 1)/2)`` for

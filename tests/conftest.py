@@ -1,0 +1,26 @@
+"""Test set-up: Triton runs in its CPU interpreter wherever no GPU is visible.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device fast paths are tested on: the GPU when one is visible, else the CPU (interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, refusing NaN (a NaN output never passes a tolerance check)."""
+    assert torch.isfinite(a).all(), "output contains NaN/Inf"
+    assert torch.isfinite(b).all(), "reference contains NaN/Inf"
+    return float((a - b).abs().pow(2).sum().sqrt() / b.abs().pow(2).sum().sqrt().clamp_min(1e-30))
