@@ -8,7 +8,7 @@ from importlib import resources
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,5 +42,5 @@ def resize(images: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """
     if tuple(images.shape[-2:]) == hw:
         return images
-    out = F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    out = functional.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
     return out.clamp_(0.0, 1.0)

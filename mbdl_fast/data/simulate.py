@@ -156,12 +156,15 @@ def simulate_multicoil(
         noise_std: per-component noise standard deviation (k-space is orthonormal, so it is also
             the image-domain noise level per coil).
         seed: seed of all random draws (phases, coil placement, noise).
+        phase: multiply the images by a smooth random phase of at most ``max_phase`` radians.
+        random_coils: rotate and jitter the coil ring per image (``False``: sigpy's fixed maps).
+        radius: coil ring radius relative to the half-FOV.
 
     Returns:
         dict with ``"target"`` complex64 ``(N, H, W)``, ``"coil_maps"`` complex64 ``(N, C, H, W)``,
-        ``"mask"`` float32 made 4-D ``(·, ·, ·, ·)`` by prepending ones (e.g. ``(1, 1, 1, W)``), so it
-        broadcasts against k-space, ``"kspace"`` complex64 ``(N, C, H, W)`` and ``"zero_filled"``
-        complex64 ``(N, H, W)``.
+        ``"mask"`` float32, the given mask with ones prepended to 4 dims (``(1, W)`` becomes
+        ``(1, 1, 1, W)``, ``(H, W)`` becomes ``(1, 1, H, W)``), ``"kspace"`` complex64
+        ``(N, C, H, W)`` and ``"zero_filled"`` complex64 ``(N, H, W)``.
     """
     images = check_real("images", images, "(N, H, W)", 3)
     if not isinstance(num_coils, int) or num_coils < 1:
