@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mbdl_fast.fft import centre_sign
+
 # Per-axis centring mode, a constexpr of every kernel.
 AXIS_UNTOUCHED, AXIS_EVEN, AXIS_ODD = 0, 1, 2
 # What the k-space kernel writes.
@@ -186,15 +188,6 @@ def _axis_modes(shape: tuple[int, int], dims: tuple[int, ...]) -> tuple[int, int
     return mode_h, mode_w
 
 
-def _centre_sign(shape: tuple[int, int], dims: tuple[int, ...]) -> float:
-    """c = Π (-1)^(n/2) over the even transformed axes."""
-    c = 1.0
-    for d, n in zip((-2, -1), shape, strict=True):
-        if d in dims and n % 2 == 0:
-            c *= (-1.0) ** (n // 2)
-    return c
-
-
 def _mask_strides(mask: torch.Tensor) -> tuple[int, int, int]:
     """Element strides (batch, h, w) of a (B|1, 1, H|1, W|1) mask, 0 on broadcast axes."""
     sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
@@ -240,7 +233,7 @@ def mri_dc_step_triton(
     zr = torch.view_as_real(z)
     _kspace_update_kernel[grid](
         zr, mask, torch.view_as_real(y) if y is not None else zr, zr, num_coils, h, w, sb, sh, sw,
-        1.0 / n, 1.0 / math.sqrt(n), _centre_sign((h, w), dims),
+        1.0 / n, 1.0 / math.sqrt(n), centre_sign((h, w), dims),
         MODE_H=mode_h, MODE_W=mode_w, OUT=out_mode, BLOCK=block,
     )  # fmt: skip
     u = torch.fft.ifftn(z, dim=dims, norm="forward").contiguous()
@@ -267,7 +260,7 @@ def mri_forward_triton(x: torch.Tensor, coil_maps: torch.Tensor | None, mask: to
     zr = torch.view_as_real(z)
     _kspace_update_kernel[grid](
         zr, mask, zr, torch.view_as_real(out), num_coils, h, w, sb, sh, sw,
-        1.0 / math.sqrt(h * w), 0.0, _centre_sign((h, w), dims),
+        1.0 / math.sqrt(h * w), 0.0, centre_sign((h, w), dims),
         MODE_H=mode_h, MODE_W=mode_w, OUT=KSPACE_FORWARD, BLOCK=block,
     )  # fmt: skip
     return out

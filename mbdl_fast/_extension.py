@@ -23,11 +23,10 @@ def _load() -> tuple[ModuleType | None, str]:
     """(the module, "") or (None, why it is not there)."""
     try:
         return importlib.import_module("mbdl_fast._C"), ""
-    except ModuleNotFoundError as exc:
-        if exc.name == "mbdl_fast._C":
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "mbdl_fast._C":
             return None, NOT_BUILT
-        return None, f"mbdl_fast._C failed to import ({type(exc).__name__}: {exc})"
-    except ImportError as exc:  # built, but unloadable here: wrong Python, missing symbol, ...
+        # Built, but unloadable here: another Python, a missing symbol, ...
         return None, f"mbdl_fast._C failed to import ({type(exc).__name__}: {exc})"
 
 
@@ -80,17 +79,20 @@ def kspace_dc_update_ref(
     return mask * (mz - s * y) if y is not None else mask * mz
 
 
-def _mask_strides(mask: torch.Tensor, H: int, W: int) -> tuple[int, int]:
+def _expected(name: str, expected: str, got: object) -> ValueError:
+    what = describe(got) if isinstance(got, torch.Tensor) else type(got).__name__
+    return ValueError(f"{name}: expected {expected}, got {what}")
+
+
+def _mask_strides(mask: torch.Tensor, H: int, W: int, expected: str) -> tuple[int, int]:
     """Element strides of ``mask`` read as (H, W): 0 along a broadcast (size-1 or missing) axis."""
     if mask.dim() > 2 and any(n != 1 for n in mask.shape[:-2]):
-        raise ValueError(f"mask: expected real float32 broadcastable to (H, W) = {(H, W)}, got {describe(mask)}")
-    plane = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
+        raise _expected("mask", expected, mask)
+    plane = mask.reshape(mask.shape[-2:])
     try:
         plane = plane.expand(H, W)
     except RuntimeError:
-        raise ValueError(
-            f"mask: expected real float32 broadcastable to (H, W) = {(H, W)}, got {describe(mask)}"
-        ) from None
+        raise _expected("mask", expected, mask) from None
     return plane.stride(0), plane.stride(1)
 
 
@@ -102,29 +104,26 @@ def kspace_dc_update_cuda(
     z: contiguous complex64 (B, C, H, W) on cuda; mask: real float32 broadcastable to (H, W), same device (any
     strides); y: like z, or None. Maths in :func:`kspace_dc_update_ref`. Runs on the current stream; no autograd.
     """
-    if not (
-        isinstance(z, torch.Tensor)
-        and z.dtype == torch.complex64
-        and z.dim() == 4
-        and z.is_cuda
-        and z.is_contiguous()
-    ):
-        got = describe(z) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"z: expected contiguous complex64 (B, C, H, W) on cuda, got {got}")
+    z_expected = "contiguous complex64 (B, C, H, W) on cuda"
+    if not (isinstance(z, torch.Tensor) and z.dtype == torch.complex64 and z.dim() == 4 and z.is_contiguous()):
+        raise _expected("z", z_expected, z)
     B, C, H, W = z.shape
-    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.float32 and mask.device == z.device):
-        got = describe(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask: expected real float32 broadcastable to (H, W) = {(H, W)} on {z.device}, got {got}")
-    stride_h, stride_w = _mask_strides(mask, H, W)
+    mask_expected = f"real float32 broadcastable to (H, W) = {(H, W)} on {z.device} (like z)"
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.float32):
+        raise _expected("mask", mask_expected, mask)
+    stride_h, stride_w = _mask_strides(mask, H, W, mask_expected)
+    y_expected = f"None or contiguous complex64 {tuple(z.shape)} on {z.device} (like z)"
     if y is not None and not (
-        isinstance(y, torch.Tensor)
-        and y.dtype == torch.complex64
-        and y.shape == z.shape
-        and y.device == z.device
-        and y.is_contiguous()
+        isinstance(y, torch.Tensor) and y.dtype == torch.complex64 and y.shape == z.shape and y.is_contiguous()
     ):
-        got = describe(y) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"y: expected contiguous complex64 {tuple(z.shape)} on {z.device} (like z) or None, got {got}")
+        raise _expected("y", y_expected, y)
+    # Devices last, so that the checks above also run (and are tested) on CPU tensors.
+    if not z.is_cuda:
+        raise _expected("z", z_expected, z)
+    if mask.device != z.device:
+        raise _expected("mask", mask_expected, mask)
+    if y is not None and y.device != z.device:
+        raise _expected("y", y_expected, y)
     ext = _require_extension()
     with torch.cuda.device(z.device):
         ext.kspace_dc_update(

@@ -23,17 +23,24 @@ def _axis_sign(n: int, device: torch.device) -> torch.Tensor:
     return (1 - 2 * (i % 2)).to(torch.float32)
 
 
-def shift_signs(shape: tuple[int, ...], dims: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, float]:
-    """Sign pattern s (broadcastable to ``shape``) and global sign c for the even ``dims``."""
-    sign = torch.ones((), device=device)
+def centre_sign(shape: tuple[int, ...], dims: tuple[int, ...]) -> float:
+    """c = Π (-1)^(n/2) over the even axes among ``dims`` (odd axes are rolled, not signed)."""
     c = 1.0
     for d in dims:
         n = shape[d]
+        if n % 2 == 0 and (n // 2) % 2:  # a branch, not pow: traceable with symbolic sizes
+            c = -c
+    return c
+
+
+def shift_signs(shape: tuple[int, ...], dims: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, float]:
+    """Sign pattern s (broadcastable to ``shape``) and global sign c for the even ``dims``."""
+    sign = torch.ones((), device=device)
+    for d in dims:
         view = [1] * len(shape)
-        view[d] = n
-        sign = sign * _axis_sign(n, device).view(view)
-        c *= (-1.0) ** (n // 2)
-    return sign, c
+        view[d] = shape[d]
+        sign = sign * _axis_sign(shape[d], device).view(view)
+    return sign, centre_sign(shape, dims)
 
 
 def _centered(x: torch.Tensor, dims: tuple[int, ...], inverse: bool) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""pip entry point (metadata lives in pyproject.toml): the package layout and the optional CUDA extension.
+
+The extension ``mbdl_fast._C`` is built from ``csrc/`` by CMake (CMakeLists.txt) with nvcc, ninja and pybind11.
+It links no torch (it takes raw device pointers) and links the CUDA runtime statically.
+
+Environment switches:
+    MBDL_FAST_CUDA=auto|0|1   auto (default): build when nvcc is found, else install without it;
+                              1: build or fail; 0: never build.
+    MBDL_FAST_CUDA_ARCHS      GPU architectures, e.g. "80;90" (default "80;86;89;90"): SASS for each, plus PTX of
+                              the newest. Entries already in CMake syntax ("90a-real", "native") pass through as is.
+    MAX_JOBS                  parallel compile jobs (default 2).
+    CUDA_HOME (or CUDA_PATH)  where to look for bin/nvcc when it is not on PATH (default /usr/local/cuda).
+
+Without a package index: ``pip install --no-build-isolation .`` (needs setuptools, wheel and pybind11 installed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "80;86;89;90"
+NOT_BUILT_HINT = "set MBDL_FAST_CUDA=0 to install without the extension (the torch and triton backends still work)"
+
+
+def say(message: str) -> None:
+    print(f"mbdl_fast setup: {message}", file=sys.stderr, flush=True)
+
+
+def cuda_home() -> str:
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else in cuda_home()/bin."""
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path
+    candidate = Path(cuda_home()) / "bin" / "nvcc"
+    return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+
+
+def cmake_architectures(spec: str) -> str:
+    """``"80;86;89;90"`` -> ``"80-real;86-real;89-real;90"``: SASS for each, SASS + PTX for the newest."""
+    archs = [a.replace(".", "") for a in re.split(r"[;,\s]+", spec.strip()) if a]
+    if not archs:
+        raise SystemExit(f"MBDL_FAST_CUDA_ARCHS: expected architectures like '80;90', got {spec!r}")
+    if any(not a.isdigit() for a in archs):  # already CMake syntax: "90a-real", "native", "all-major"
+        return ";".join(archs)
+    archs = sorted(set(archs), key=int)
+    return ";".join([f"{a}-real" for a in archs[:-1]] + [archs[-1]])
+
+
+def cuda_build_plan() -> tuple[str, str] | None:
+    """(nvcc, cmake) when the extension should be built, None to skip; exits when MBDL_FAST_CUDA=1 cannot build."""
+    mode = os.environ.get("MBDL_FAST_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"MBDL_FAST_CUDA: expected auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        say("MBDL_FAST_CUDA=0: not building the CUDA extension mbdl_fast._C")
+        return None
+    nvcc, cmake = find_nvcc(), shutil.which("cmake")
+    missing = []
+    if nvcc is None:
+        missing.append(f"nvcc (the CUDA toolkit) was found neither on PATH nor in {cuda_home()}/bin")
+    if cmake is None:
+        missing.append("cmake was not found on PATH (pip install cmake, or apt-get install cmake)")
+    if not missing:
+        return nvcc, cmake
+    if mode == "1":
+        raise SystemExit(
+            "MBDL_FAST_CUDA=1 asks for the CUDA extension mbdl_fast._C, but " + "; and ".join(missing) + ". "
+            "Install the CUDA toolkit (or point CUDA_HOME at it), or use MBDL_FAST_CUDA=auto or 0."
+        )
+    say("MBDL_FAST_CUDA=auto: not building the CUDA extension mbdl_fast._C: " + "; ".join(missing))
+    return None
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources CMakeLists.txt names; setuptools only places the result."""
+
+    def __init__(self, name: str, nvcc: str, cmake: str) -> None:
+        super().__init__(name, sources=[])
+        self.nvcc = nvcc
+        self.cmake = cmake
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            super().build_extension(ext)
+            return
+        import pybind11  # a build requirement; imported here so that a skipped build never needs it
+
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        archs = cmake_architectures(os.environ.get("MBDL_FAST_CUDA_ARCHS", DEFAULT_ARCHS))
+        jobs = os.environ.get("MAX_JOBS", "2")
+        # One build folder per interpreter, compiler and architectures: a cache made for another never misleads it.
+        key = hashlib.sha1(f"{sys.executable}|{ext.nvcc}|{archs}".encode()).hexdigest()[:10]
+        build_dir = Path(self.build_temp).resolve() / f"cmake-{key}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        ninja = shutil.which("ninja")
+        configure = [
+            ext.cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            *(["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_CUDA_COMPILER={ext.nvcc}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DPYBIND11_FINDPYTHON=ON",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DMBDL_FAST_OUTPUT_DIR={target.parent}",
+        ]
+        say(
+            f"building {ext.name} -> {target} with {ext.nvcc}, CUDA architectures {archs}, "
+            f"{'ninja' if ninja else 'the default CMake generator (ninja not found)'}, {jobs} jobs"
+        )
+        try:
+            subprocess.run(configure, check=True)
+            subprocess.run([ext.cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(
+                f"building {ext.name} failed ({exc}); the output above says why; {NOT_BUILT_HINT}"
+            ) from exc
+        if not target.is_file():
+            raise SystemExit(f"building {ext.name}: CMake finished but {target} is missing; {NOT_BUILT_HINT}")
+
+
+plan = cuda_build_plan()
+# kernels/ (Triton) is installed as mbdl_fast.kernels: never as a top-level package named `kernels`.
+kernel_packages = ["mbdl_fast.kernels", *(f"mbdl_fast.kernels.{p}" for p in find_packages(where="kernels"))]
+
+setup(
+    packages=find_packages(include=["mbdl_fast", "mbdl_fast.*"]) + kernel_packages,
+    package_dir={"mbdl_fast.kernels": "kernels"},
+    package_data={"mbdl_fast.data": ["files/*.npz", "files/*.txt", "files/*.png"]},
+    include_package_data=False,  # package_data above is the whole list: no MANIFEST.in guesswork
+    ext_modules=[CMakeExtension("mbdl_fast._C", *plan)] if plan else [],
+    cmdclass={"build_ext": CMakeBuild},
+)
