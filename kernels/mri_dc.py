@@ -64,6 +64,13 @@ def _roll(i, n, shift, MODE: tl.constexpr):
 
 
 @triton.jit
+def _pixels(pid, H, W, BLOCK: tl.constexpr):
+    """The BLOCK flat pixel indices of program ``pid``, their validity, row and column."""
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    return p, p < H * W, p // W, p % W
+
+
+@triton.jit
 def _coil_expand_kernel(
     x_ptr, s_ptr, z_ptr, C, H, W, s_batch_stride,
     MODE_H: tl.constexpr, MODE_W: tl.constexpr, HAS_COILS: tl.constexpr, BLOCK: tl.constexpr,
@@ -72,10 +79,7 @@ def _coil_expand_kernel(
     pid_p = tl.program_id(0)
     bc = tl.program_id(1)
     b = bc // C
-    p = pid_p * BLOCK + tl.arange(0, BLOCK)
-    valid = p < H * W
-    i = p // W
-    j = p % W
+    p, valid, i, j = _pixels(pid_p, H, W, BLOCK)
     src = _roll(i, H, H // 2, MODE_H) * W + _roll(j, W, W // 2, MODE_W)
     sign = _axis_sign(i, MODE_H) * _axis_sign(j, MODE_W)
     xr, xi = _load_complex(x_ptr + b.to(tl.int64) * H * W * 2, src, valid)
@@ -104,10 +108,7 @@ def _kspace_update_kernel(
     pid_p = tl.program_id(0)
     bc = tl.program_id(1)
     b = bc // C
-    o = pid_p * BLOCK + tl.arange(0, BLOCK)
-    valid = o < H * W
-    i = o // W
-    j = o % W
+    o, valid, i, j = _pixels(pid_p, H, W, BLOCK)
     sign = _axis_sign(i, MODE_H) * _axis_sign(j, MODE_W)
     base = bc.to(tl.int64) * H * W * 2
     if OUT == 2:
@@ -145,10 +146,7 @@ def _coil_combine_kernel(
     """out[b] = x[b] - gamma[b] (s ⊙ Σ_c conj(S[b, c]) U[b, c] - A^H y[b]), U read fftshifted on odd axes."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    o = pid_p * BLOCK + tl.arange(0, BLOCK)
-    valid = o < H * W
-    i = o // W
-    j = o % W
+    o, valid, i, j = _pixels(pid_p, H, W, BLOCK)
     uidx = _roll(i, H, H - H // 2, MODE_H) * W + _roll(j, W, W - W // 2, MODE_W)
     accr = tl.zeros((BLOCK,), tl.float32)
     acci = tl.zeros((BLOCK,), tl.float32)
