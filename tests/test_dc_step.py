@@ -20,6 +20,8 @@ def make_problem(h, w, coils, mask_kind, device, batch=2, seed=0, per_sample_map
         mask = random_mask(w, 3, 0.2, seed=seed)
     elif mask_kind == "rows":
         mask = random_mask(h, 3, 0.2, seed=seed).reshape(h, 1)
+    elif mask_kind == "per_sample_columns":
+        mask = torch.stack([random_mask(w, 3, 0.2, seed=seed + i) for i in range(batch)])[:, None]
     elif mask_kind == "per_sample":
         mask = torch.stack([variable_density_mask((h, w), 2.5, seed=seed + i) for i in range(batch)])[:, None]
     else:
@@ -36,7 +38,7 @@ def make_problem(h, w, coils, mask_kind, device, batch=2, seed=0, per_sample_map
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("coils", [None, 1, 4])
-@pytest.mark.parametrize("mask_kind", ["columns", "rows", "2d", "per_sample"])
+@pytest.mark.parametrize("mask_kind", ["columns", "rows", "2d", "per_sample", "per_sample_columns"])
 def test_triton_forward_matches_reference(size, coils, mask_kind, device):
     phys, x, y = make_problem(*size, coils, mask_kind, device, seed=sum(size))
     gamma = torch.tensor([0.4, 1.7], device=device)

@@ -90,6 +90,8 @@ def test_mask_axes_detects_lines():
     assert mask_axes(col.expand(32, 40), 32, 40) == (-1,)
     assert mask_axes(col.reshape(40, 1), 40, 32) == (-2,)
     assert mask_axes(torch.ones(32, 40), 32, 40) == ()
+    per_sample = torch.stack([random_mask(40, 4, 0.1, seed=s) for s in range(3)])[:, None]  # (3, 1, 1, 40)
+    assert mask_axes(per_sample, 32, 40) == (-1,)
 
 
 def test_mask_errors_name_the_argument():

@@ -144,11 +144,10 @@ def mask_axes(mask: torch.Tensor, height: int, width: int) -> tuple[int, ...]:
     """The image axes (-2 for H, -1 for W) along which ``mask`` (broadcastable to (..., H, W)) varies.
 
     A Cartesian column mask gives ``(-1,)``, a row mask ``(-2,)``, a 2-D pattern ``(-2, -1)``; a
-    constant mask gives ``()``. Leading (batch, coil) dims must be 1: a mask that changes per
-    sample is treated as 2-D per sample by the caller.
+    constant mask gives ``()``. Leading (batch, coil) dims may differ (one column mask per sample
+    still varies along W only, so each sample's normal operator needs a 1-D transform only).
     """
-    m = mask.reshape(mask.shape[-2:]) if mask.dim() >= 2 else mask.reshape(1, -1)
-    m = m.expand(height, width)
-    varies_h = bool((m != m[:1, :]).any())
-    varies_w = bool((m != m[:, :1]).any())
+    m = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 2 else mask
+    varies_h = m.shape[-2] != 1 and bool((m != m[..., :1, :]).any())
+    varies_w = m.shape[-1] != 1 and bool((m != m[..., :, :1]).any())
     return tuple(d for d, v in ((-2, varies_h), (-1, varies_w)) if v)

@@ -74,8 +74,7 @@ class MultiCoilMRI(LinearPhysics):
         if self.coil_maps is not None:
             check_same_device([("coil_maps", self.coil_maps), ("mask", mask)])
         self.mask = mask.to(torch.float32)
-        per_sample = mask.shape[0] != 1
-        self._mask_axes = (-2, -1) if per_sample else mask_axes(self.mask[0, 0], mask.shape[-2], mask.shape[-1])
+        self._mask_axes = mask_axes(self.mask, mask.shape[-2], mask.shape[-1])
 
     def _set_coil_maps(self, coil_maps: torch.Tensor | None) -> None:
         if coil_maps is not None:
