@@ -10,7 +10,8 @@ A config is ``{"class": NAME, "args": {...}}``; ``build(config)`` turns one back
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -1,0 +1,23 @@
+"""Solvers: fixed-point solvers (Anderson, plain iteration) and the DEQ model.
+
+One import line per module and one ``__all__`` entry per line, so that solvers added in parallel merge
+cleanly (ruff's isort rule merges names from the same module onto one line).
+"""
+
+from mbdl_fast.solvers.deq import DEQ
+from mbdl_fast.solvers.fixed_point import ConvergenceWarning, anderson_solve, fixed_point_solve
+from mbdl_fast.solvers.recursion import COASTBlock, ISTANetPlusBlock, RecursiveUnfolding
+from mbdl_fast.solvers.unfolding import DeepUnfolding
+from mbdl_fast.solvers.varnet import VarNet
+
+__all__ = [
+    "ConvergenceWarning",
+    "DEQ",
+    "anderson_solve",
+    "fixed_point_solve",
+    "DeepUnfolding",
+    "VarNet",
+    "RecursiveUnfolding",
+    "ISTANetPlusBlock",
+    "COASTBlock",
+]
