@@ -146,7 +146,10 @@ kernel_packages = ["mbdl_fast.kernels", *(f"mbdl_fast.kernels.{p}" for p in find
 setup(
     packages=find_packages(include=["mbdl_fast", "mbdl_fast.*"]) + kernel_packages,
     package_dir={"mbdl_fast.kernels": "kernels"},
-    package_data={"mbdl_fast.data": ["files/*.npz", "files/*.txt", "files/*.png"]},
+    package_data={
+        "mbdl_fast.data": ["files/*.npz", "files/*.txt", "files/*.png"],
+        "mbdl_fast.weights": ["*.safetensors", "*.json"],
+    },
     include_package_data=False,  # package_data above is the whole list: no MANIFEST.in guesswork
     ext_modules=[CMakeExtension("mbdl_fast._C", *plan)] if plan else [],
     cmdclass={"build_ext": CMakeBuild},

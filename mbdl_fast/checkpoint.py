@@ -280,6 +280,20 @@ def load_model(
     return model.to(map_location).eval()
 
 
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata`` dict saved with a model (training config, metrics), without loading weights."""
+    config_file = _paths(path)[1]
+    if not config_file.is_file():
+        raise CheckpointNotFoundError(f"{config_file}: no such checkpoint config")
+    try:
+        header = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: not a readable JSON checkpoint config ({err})") from err
+    if header.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{config_file}: expected format {MODEL_FORMAT!r}, got {header.get('format')!r}")
+    return header.get("metadata", {})
+
+
 # --------------------------------------------------------------------------- training state
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -37,18 +38,38 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mbdl_fast.data import load_brain_slices, simulate_multicoil
-    from mbdl_fast.demo import run_operator_demo
+    from mbdl_fast.demo import run_demo
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    images = load_brain_slices("test", size=args.size)[: args.num_images]
-    from mbdl_fast.physics.masks import random_mask
-
-    mask = random_mask(images.shape[-1], args.acceleration, args.center_fraction, seed=args.seed)
-    data = simulate_multicoil(images, num_coils=args.coils, mask=mask, noise_std=args.noise, seed=args.seed)
-    result = run_operator_demo(data, device=device, iterations=args.iterations, out_dir=Path(args.out))
+    device = torch.device(args.device) if args.device else None
+    weights = Path(args.weights_dir) if args.weights_dir else None
+    result = run_demo(args.num_images, device=device, out_dir=Path(args.out), weights_dir=weights)
     print(result["table"])
     print(f"wrote {result['figure']} and {result['json']}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mbdl_fast.train import TrainConfig, train
+
+    values: dict = json.loads(Path(args.config).read_text()) if args.config else {}
+    for key, value in vars(args).items():
+        if key in ("command", "func", "config", "quiet") or value is None:
+            continue
+        if key in ("model_args", "prior_args"):
+            value = json.loads(value)
+        values[key] = value
+    cfg = TrainConfig.from_dict(values)
+    result = train(cfg, progress=not args.quiet if args.quiet is not None else True)
+    if result["rank"] == 0 and result["history"]:
+        last = result["history"][-1]
+        print(f"done: val PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}; checkpoints in {cfg.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mbdl_fast.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out)
     return 0
 
 
@@ -56,18 +77,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbdl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends").set_defaults(func=_info)
-    demo = sub.add_parser("demo", help="reconstruct shipped brain slices; table, PNG and JSON")
+    demo = sub.add_parser("demo", help="shipped DEQ and DU models on shipped brain slices; table, PNG and JSON")
     demo.add_argument("--num-images", type=int, default=4, help="test slices to reconstruct (default 4)")
-    demo.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE (even)")
-    demo.add_argument("--coils", type=int, default=8)
-    demo.add_argument("--acceleration", type=int, default=4)
-    demo.add_argument("--center-fraction", type=float, default=0.08)
-    demo.add_argument("--noise", type=float, default=0.0, help="k-space noise std (per real/imag part)")
-    demo.add_argument("--iterations", type=int, default=30, help="CG and gradient-step iterations")
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--out", default="mbdl_fast_demo", help="output directory (default ./mbdl_fast_demo)")
+    demo.add_argument("--weights-dir", dest="weights_dir", default=None, help="models other than the shipped ones")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="train a model (config file and/or flags; torchrun for data-parallel)")
+    train.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    train.add_argument("--task", choices=["mri", "sr", "block-cs", "denoise"])
+    train.add_argument("--model", choices=["deq", "du", "varnet", "recursion", "edsr", "dncnn", "unet"])
+    train.add_argument("--prior", choices=["edsr", "dncnn", "unet"])
+    train.add_argument("--model-args", dest="model_args", help="JSON, e.g. '{\"f_max_iter\": 30}'")
+    train.add_argument("--prior-args", dest="prior_args", help="JSON, e.g. '{\"width\": 32}'")
+    train.add_argument("--init-prior", dest="init_prior", help="checkpoint of a pre-trained prior")
+    for name, kind in (("size", int), ("coils", int), ("acceleration", float), ("center_fraction", float),
+                       ("noise_std", float), ("sr_factor", int), ("cs_ratio", float), ("denoise_sigma", float),
+                       ("max_train_items", int), ("max_val_items", int), ("epochs", int), ("batch_size", int),
+                       ("lr", float), ("grad_clip", float), ("seed", int)):  # fmt: skip
+        train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"])
+    train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "box"])
+    train.add_argument("--loss", choices=["l1", "mse", "smooth_l1"])
+    train.add_argument("--out", help="output directory for checkpoints and config.json")
+    train.add_argument("--device")
+    train.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last")
+    train.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split (sharded under torchrun)")
+    ev.add_argument("checkpoint", help="checkpoint path without suffix, e.g. runs/deq/model_best")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=4)
+    ev.add_argument("--out", default=None, help="write the per-image numbers as JSON here")
+    ev.set_defaults(func=_eval)
     return parser
 
 

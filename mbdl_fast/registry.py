@@ -45,5 +45,9 @@ def build(config: dict[str, Any]) -> torch.nn.Module:
         raise ValueError(f"config: expected {{'class': NAME, 'args': {{...}}}}, got {str(config)[:200]}")
     name = config["class"]
     if name not in _REGISTRY:
+        # The built-in models register themselves on import; a config may arrive before they are imported.
+        import mbdl_fast.priors  # noqa: F401
+        import mbdl_fast.solvers  # noqa: F401
+    if name not in _REGISTRY:
         raise ValueError(f"config: unknown model class {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name].from_config(config["args"])

@@ -130,35 +130,39 @@ class _ImageCrops(Dataset):
         return {"target": self.crops[index]}
 
 
-def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets of dicts for ``cfg.task``."""
+def make_dataset(cfg: TrainConfig, split: str) -> Dataset:
+    """The ``split`` ("train", "val", "test") dataset of dicts for ``cfg.task``; each split has its own seed."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split: expected train, val or test, got {split!r}")
+    offset = {"train": 0, "val": 1, "test": 2}[split]
+    limit = cfg.max_train_items if split == "train" else cfg.max_val_items
     if cfg.task in ("mri", "denoise"):
         from mbdl_fast.data import MultiCoilBrainDataset
 
-        common = {
-            "num_coils": cfg.coils,
-            "acceleration": cfg.acceleration,
-            "mask_type": cfg.mask_type,
-            "center_fraction": cfg.center_fraction,
-            "size": cfg.size,
-            "noise_std": cfg.noise_std,
-        }
-        train = MultiCoilBrainDataset("train", seed=cfg.seed, **common)
-        val = MultiCoilBrainDataset("val", seed=cfg.seed + 1, **common)
+        data: Dataset = MultiCoilBrainDataset(
+            split,
+            num_coils=cfg.coils,
+            acceleration=cfg.acceleration,
+            mask_type=cfg.mask_type,
+            center_fraction=cfg.center_fraction,
+            size=cfg.size,
+            noise_std=cfg.noise_std,
+            seed=cfg.seed + offset,
+        )
     elif cfg.task == "sr":
         from mbdl_fast.data import load_natural_images
 
         images = load_natural_images(gray=True)
-        train = _ImageCrops(images[:-2], cfg.size, 64, cfg.seed)
-        val = _ImageCrops(images[-2:], cfg.size, 8, cfg.seed + 1)
+        # the first six images train; the last two give the validation and test crops
+        data = _ImageCrops(images[:-2] if split == "train" else images[-2:], cfg.size, 64 if split == "train" else 8,
+                           cfg.seed + offset)  # fmt: skip
     else:
         from mbdl_fast.data import load_brain_slices
 
         if cfg.size % 33:
             raise ValueError(f"size: block CS needs a multiple of 33, got {cfg.size}")
-        train = _ImageCrops(list(load_brain_slices("train")), cfg.size, 64, cfg.seed)
-        val = _ImageCrops(list(load_brain_slices("val")), cfg.size, 8, cfg.seed + 1)
-    return _Subset(train, cfg.max_train_items), _Subset(val, cfg.max_val_items)
+        data = _ImageCrops(list(load_brain_slices(split)), cfg.size, 64 if split == "train" else 8, cfg.seed + offset)
+    return _Subset(data, limit)
 
 
 def make_physics(cfg: TrainConfig, batch: dict[str, torch.Tensor], device: torch.device):
@@ -302,8 +306,12 @@ def evaluate(cfg: TrainConfig, model: torch.nn.Module, dataset: Dataset, device:
     return {"psnr": float(totals[0]) / n, "ssim": float(totals[1]) / n, "count": int(totals[2])}
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg``; returns the history. Checkpoints go to ``cfg.out`` (``last`` and ``best`` by val PSNR)."""
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``cfg``; returns the history. Checkpoints go to ``cfg.out`` (``last`` and ``best`` by val PSNR).
+
+    ``stop_after`` ends this call after that many epochs (the schedule still spans ``cfg.epochs``), so
+    a long run can be split into calls resumed with ``cfg.resume``.
+    """
     from tqdm import tqdm
 
     from mbdl_fast.checkpoint import load_training_state, save_model, save_training_state
@@ -317,17 +325,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
-    train_set, val_set = make_datasets(cfg)
+    train_set, val_set = make_dataset(cfg, "train"), make_dataset(cfg, "val")
     model = make_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if cfg.resume and (out_dir / "last.json").exists():
-        state = load_training_state(out_dir / "last", model, optimizer)
+        state = load_training_state(out_dir / "last", model, optimizer, scheduler=scheduler, restore_rng=True)
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("extra", {}).get("history", []))
-        scheduler.last_epoch = start_epoch - 1
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -337,7 +344,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=world > 1)
     noise_gen = torch.Generator().manual_seed(cfg.seed + rank)
     best = max((h["val_psnr"] for h in history), default=-math.inf)
-    for epoch in range(start_epoch, cfg.epochs):
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         model.train()
         started, losses = time.perf_counter(), []
@@ -350,7 +358,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
         scheduler.step()
         metrics = evaluate(cfg, model, val_set, device)
@@ -363,14 +371,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         }
         history.append(record)
         if rank == 0:
-            if progress:
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4g}, val PSNR {metrics['psnr']:.2f} dB, "
-                    f"SSIM {metrics['ssim']:.4f} ({record['seconds']:.1f} s)",
-                    flush=True,
-                )
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4g}, val PSNR {metrics['psnr']:.2f} dB, "
+                f"SSIM {metrics['ssim']:.4f} ({record['seconds']:.1f} s)",
+                flush=True,
+            )
             meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "val_psnr": metrics["psnr"]}
-            save_training_state(out_dir / "last", _unwrap(model), optimizer, epoch, {"history": history})
+            save_training_state(
+                out_dir / "last", _unwrap(model), optimizer, epoch, {"history": history}, scheduler=scheduler
+            )
             save_model(_unwrap(model), out_dir / "model_last", metadata=meta)
             if metrics["psnr"] > best:
                 best = metrics["psnr"]

@@ -1,0 +1,36 @@
+"""Small pre-trained models shipped with the package (safetensors + JSON config, no pickle).
+
+Trained on the shipped data by ``scripts/train_shipped.sh`` (brain MRI at 128 x 128, 8 coils;
+natural-image crops for super-resolution). ``load_pretrained(name)`` returns the model in eval mode.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SHIPPED = {
+    "deq_mri_4x": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, 4x random mask",
+    "deq_mri_6x_uniform": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, SPADE's 6x uniform mask",
+    "varnet_mri_4x": "VarNet, 8 cascades of NormUNet (12 channels, 3 poolings), 8-coil brain MRI, 4x random mask",
+    "deq_sr_2x": "DEQ, EDSR prior (1 channel in/out), 2x super-resolution with gaussian blur",
+}
+
+
+def weights_path(name: str) -> Path:
+    """Path (without suffix) of the shipped model ``name``."""
+    if name not in SHIPPED:
+        raise ValueError(f"name: expected one of {sorted(SHIPPED)}, got {name!r}")
+    path = Path(str(resources.files(__name__) / name))
+    if not path.with_suffix(".json").is_file():
+        raise FileNotFoundError(f"{name}: the shipped weights {path}.json are missing from this install")
+    return path
+
+
+def load_pretrained(name: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The shipped model ``name`` (see ``SHIPPED``), rebuilt from its JSON config, in eval mode."""
+    from mbdl_fast.checkpoint import load_model
+
+    return load_model(weights_path(name), map_location=map_location)
