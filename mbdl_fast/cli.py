@@ -73,6 +73,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from mbdl_fast.prune.pipeline import format_table, prune_and_report
+
+    result = prune_and_report(
+        args.checkpoint, args.ratio, importance=args.importance, finetune=args.finetune, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, nm=args.nm, nm_budget=args.nm_budget, tol=args.tol,
+        max_iter=args.max_iter, num_test=args.num_test, out=args.out, progress=not args.quiet,
+    )  # fmt: skip
+    print(format_table(result))
+    if args.out:
+        print(f"wrote {args.out}/model_pruned.safetensors, .json and prune_report.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbdl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=4)
     ev.add_argument("--out", default=None, help="write the per-image numbers as JSON here")
     ev.set_defaults(func=_eval)
+
+    pr = sub.add_parser("prune", help="prune a checkpoint, fine-tune, report dense vs pruned at equal tolerance")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint path without suffix (from mbdl-fast train)")
+    pr.add_argument("--ratio", type=float, required=True, help="channel pruning ratio, e.g. 0.3")
+    pr.add_argument("--importance", default="l1", choices=["l1", "l2", "taylor", "random"])
+    pr.add_argument("--finetune", default=None, choices=["supervised", "school", "self_supervised"])
+    pr.add_argument("--epochs", type=int, default=1)
+    pr.add_argument("--lr", type=float, default=1e-4)
+    pr.add_argument("--batch-size", dest="batch_size", type=int, default=2)
+    pr.add_argument("--nm", default=None, help="one-shot N:M masks after channel pruning, e.g. 2:4")
+    pr.add_argument("--nm-budget", dest="nm_budget", type=float, default=None, help="SLS N:M search MAC budget")
+    pr.add_argument("--tol", type=float, default=1e-4, help="DEQ tolerance for every timed row (default 1e-4)")
+    pr.add_argument("--max-iter", dest="max_iter", type=int, default=100, help="DEQ iteration cap for every row")
+    pr.add_argument("--num-test", dest="num_test", type=int, default=None, help="test images (default: all)")
+    pr.add_argument("--out", default=None, help="write the pruned model and prune_report.json here")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=_prune)
     return parser
 
 

@@ -359,7 +359,7 @@ def finetune(
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             steps += 1
-            bar.set_postfix(loss=f"{float(parts['loss']):.4g}")
+            bar.set_postfix(loss=f"{parts['loss'].item():.4g}")
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch}
         record.update({f"train_{key}": value / max(steps, 1) for key, value in sums.items()})

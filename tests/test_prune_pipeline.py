@@ -1,0 +1,79 @@
+"""`mbdl-fast prune` end to end on a tiny trained DEQ: one table, every model timed at the same tolerance."""
+
+import json
+import warnings
+
+import pytest
+
+from mbdl_fast.cli import main
+from mbdl_fast.prune.pipeline import format_table, prune_and_report
+from mbdl_fast.train import TrainConfig, train
+
+TINY = {
+    "task": "mri",
+    "model": "deq",
+    "prior": "edsr",
+    "prior_args": {"width": 16, "num_blocks": 2},
+    "model_args": {"f_max_iter": 6, "f_tol": 1e-3},
+    "size": 32,
+    "coils": 4,
+    "batch_size": 2,
+    "max_train_items": 4,
+    "max_val_items": 2,
+    "epochs": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(TrainConfig.from_dict({**TINY, "out": str(out)}), progress=False)
+    return out / "model_best"
+
+
+@pytest.mark.parametrize("strategy", ["supervised", "school", "self_supervised"])
+def test_prune_and_report_rows(checkpoint, tmp_path, strategy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune_and_report(checkpoint, 0.5, finetune=strategy, epochs=1, tol=1e-3, max_iter=8, num_test=2,
+                                  out=tmp_path, progress=False)  # fmt: skip
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["zero-filled", "dense", "pruned (one-shot)", f"fine-tuned ({strategy})"]
+    assert rows["pruned (one-shot)"]["params"] < rows["dense"]["params"]
+    assert rows["pruned (one-shot)"]["macs_per_prior_call"] < 0.5 * rows["dense"]["macs_per_prior_call"]
+    # the same tolerance and cap for every timed row, and the fine-tuning kept the dense training tolerance
+    assert result["setting"]["eval_solver"] == {"f_tol": 1e-3, "f_max_iter": 8}
+    assert result["setting"]["finetune_solver"] == {"f_tol": 1e-3, "f_max_iter": 6}
+    assert all(r["seconds_per_image"] > 0 for r in result["rows"])
+    saved = json.loads((tmp_path / "prune_report.json").read_text())
+    assert saved["rows"][1]["model"] == "dense"
+    assert (tmp_path / "model_pruned.safetensors").is_file()
+    assert "speed" in format_table(result)
+
+
+def test_nm_rows_report_macs_not_speed(checkpoint):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune_and_report(checkpoint, 0.5, finetune=None, nm="2:4", tol=1e-3, max_iter=4, num_test=2,
+                                  progress=False)  # fmt: skip
+    last = result["rows"][-1]
+    assert last["model"] == "pruned + 2:4"
+    assert last["nm_effective_macs"] < last["macs_per_prior_call"]
+    assert "no speed-up on CPU" in format_table(result)
+
+
+def test_cli_prune_prints_the_table(checkpoint, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = ["prune", "--checkpoint", str(checkpoint), "--ratio", "0.5", "--tol", "1e-3", "--max-iter", "4",
+                "--num-test", "2", "--quiet"]  # fmt: skip
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "pruned (one-shot)" in out
+
+
+def test_bad_nm_pattern_is_named(checkpoint):
+    with pytest.raises(ValueError, match="nm: expected 'N:M'"):
+        prune_and_report(checkpoint, 0.5, finetune=None, nm="2-4", num_test=2, progress=False)
