@@ -120,6 +120,7 @@ def prune_and_report(
     ratio: float,
     importance: str = "l1",
     finetune: str | None = "supervised",
+    round_to: int = 8,
     epochs: int = 1,
     lr: float = 1e-4,
     batch_size: int = 2,
@@ -162,7 +163,7 @@ def prune_and_report(
     physics0, y0, _ = batches[0]
 
     started = time.perf_counter()
-    pruned = prune_channels(dense, ratio, importance=importance, check_inputs=(y0, physics0))
+    pruned = prune_channels(dense, ratio, importance=importance, round_to=round_to, check_inputs=(y0, physics0))
     prune_seconds = time.perf_counter() - started
     shape = _prior_shape(cfg)
     models: dict[str, torch.nn.Module | None] = {"zero-filled": None, "dense": dense, "pruned (one-shot)": pruned}
@@ -211,6 +212,7 @@ def prune_and_report(
         "checkpoint": str(checkpoint),
         "ratio": ratio,
         "importance": importance,
+        "round_to": round_to,
         "finetune": finetune,
         "epochs": epochs,
         "nm": nm,
