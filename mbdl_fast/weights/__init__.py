@@ -14,8 +14,8 @@ import torch
 SHIPPED = {
     "deq_mri_4x": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, 4x random mask",
     "deq_mri_6x_uniform": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, SPADE's 6x uniform mask",
-    "varnet_mri_4x": "VarNet, 8 cascades of NormUNet (12 channels, 3 poolings), 8-coil brain MRI, 4x random mask",
-    "deq_sr_2x": "DEQ, EDSR prior (1 channel in/out), 2x super-resolution with gaussian blur",
+    "varnet_mri_4x": "VarNet, 8 cascades of NormUNet (8 channels, 3 poolings), 8-coil brain MRI, 4x random mask",
+    "deq_sr_2x": "DEQ, EDSR prior (32 channels, 8 blocks, 1 channel in/out), 2x bicubic super-resolution",
 }
 
 
