@@ -10,6 +10,11 @@ Environment switches:
                               the newest. Entries already in CMake syntax ("90a-real", "native") pass through as is.
     MAX_JOBS                  parallel compile jobs (default 2).
     CUDA_HOME (or CUDA_PATH)  where to look for bin/nvcc when it is not on PATH (default /usr/local/cuda).
+    MBDL_FAST_CUFFT_ROOT      a folder with include/cufftXt.h (and lib/libcufft.so.12) for the Level-1 DC step
+                              (cuFFT LTO callbacks). Default: the nvidia-cufft wheel (site-packages/nvidia/cu13) of
+                              the build environment or of this interpreter's environment, else the CUDA toolkit.
+                              Without cuFFT headers the extension is built without Level 1 and says why
+                              (mbdl_fast._C.built_with()["level1_detail"]). libcufft itself is opened at run time.
 
 Without a package index: ``pip install --no-build-isolation .`` (needs setuptools, wheel and pybind11 installed).
 """
@@ -17,11 +22,13 @@ Without a package index: ``pip install --no-build-isolation .`` (needs setuptool
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -47,6 +54,34 @@ def find_nvcc() -> str | None:
         return on_path
     candidate = Path(cuda_home()) / "bin" / "nvcc"
     return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+
+
+def find_cufft_root() -> str | None:
+    """The folder holding include/cufftXt.h of the CUDA 13 cuFFT (the nvidia-cufft wheel's nvidia/cu13), or None.
+
+    Looked for in MBDL_FAST_CUFFT_ROOT, then in the `nvidia` namespace package importable here (a build without
+    isolation), then in this interpreter's site-packages: an isolated build runs the target environment's own
+    interpreter, whose purelib is where torch's CUDA wheels put nvidia-cufft. CMake falls back to the toolkit.
+    """
+    explicit = os.environ.get("MBDL_FAST_CUFFT_ROOT", "").strip()
+    if explicit:
+        return explicit
+    locations: list[Path] = []
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        locations += [Path(p) for p in spec.submodule_search_locations]
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_path(key)
+        if path:
+            locations.append(Path(path) / "nvidia")
+    for location in locations:
+        for sub in ("cu13", "cufft"):  # cu13: CUDA 13's wheel layout; cufft: CUDA 12's (CMake refuses its version)
+            if (location / sub / "include" / "cufftXt.h").is_file():
+                return str(location / sub)
+    return None
 
 
 def cmake_architectures(spec: str) -> str:
@@ -104,8 +139,10 @@ class CMakeBuild(build_ext):
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         archs = cmake_architectures(os.environ.get("MBDL_FAST_CUDA_ARCHS", DEFAULT_ARCHS))
         jobs = os.environ.get("MAX_JOBS", "2")
-        # One build folder per interpreter, compiler and architectures: a cache made for another never misleads it.
-        key = hashlib.sha1(f"{sys.executable}|{ext.nvcc}|{archs}".encode()).hexdigest()[:10]
+        cufft_root = find_cufft_root()
+        # One build folder per interpreter, compiler, architectures and cuFFT: a cache made for another never
+        # misleads it.
+        key = hashlib.sha1(f"{sys.executable}|{ext.nvcc}|{archs}|{cufft_root}".encode()).hexdigest()[:10]
         build_dir = Path(self.build_temp).resolve() / f"cmake-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         ninja = shutil.which("ninja")
@@ -123,10 +160,12 @@ class CMakeBuild(build_ext):
             "-DPYBIND11_FINDPYTHON=ON",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DMBDL_FAST_OUTPUT_DIR={target.parent}",
+            f"-DMBDL_FAST_CUFFT_ROOT={cufft_root or ''}",
         ]
         say(
             f"building {ext.name} -> {target} with {ext.nvcc}, CUDA architectures {archs}, "
-            f"{'ninja' if ninja else 'the default CMake generator (ninja not found)'}, {jobs} jobs"
+            f"{'ninja' if ninja else 'the default CMake generator (ninja not found)'}, {jobs} jobs, "
+            f"cuFFT headers: {cufft_root or 'the CUDA toolkit (no nvidia-cufft wheel found)'}"
         )
         try:
             subprocess.run(configure, check=True)

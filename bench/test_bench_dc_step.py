@@ -6,7 +6,14 @@ Variants:
 - ``torch_ahy``: ours with A^H y precomputed, so a column mask needs the 1-D transform only;
 - ``torch_compile``: the reference under ``torch.compile`` (inductor);
 - ``triton``, ``triton_ahy``: the fused kernels (GPU only; the CPU interpreter is for tests);
-- ``cuda``: the compiled k-space kernel between torch FFTs (GPU only).
+- ``cuda_l1``, ``cuda_l1_ahy``: the compiled Level-1 step, cuFFT with LTO callbacks (csrc/dc_step.cu; GPU only),
+  y given (2-D transforms) or A^H y given (1-D transforms along the mask's axis);
+- ``copy``: a device-to-device copy of as many bytes as the y-given step must move at least: the bandwidth
+  reference the ``floor_gbps`` of every row compares with.
+(Level 2, cuFFTDx with fused row/column passes, is not implemented yet: no row for it.)
+
+Every row records ``floor_bytes`` (what its step must read and write at least: x, S, y or A^H y, the mask, x')
+and, after the run, ``floor_gbps`` = floor_bytes / median time.
 """
 
 import pytest
@@ -19,7 +26,17 @@ from mbdl_fast.physics import MultiCoilMRI
 from mbdl_fast.physics.masks import random_mask
 
 SIZES = {"8x15x320x320": (8, 15, 320, 320), "1x1x256x256": (1, 1, 256, 256)}
-VARIANTS = ["fastmri_eager", "torch", "torch_ahy", "torch_compile", "triton", "triton_ahy", "cuda"]
+VARIANTS = [
+    "fastmri_eager",
+    "torch",
+    "torch_ahy",
+    "torch_compile",
+    "triton",
+    "triton_ahy",
+    "cuda_l1",
+    "cuda_l1_ahy",
+    "copy",
+]
 
 
 def fastmri_fft2c(x):
@@ -48,11 +65,42 @@ def make_problem(size, device):
     return phys, x, y
 
 
+def floor_bytes(phys, x, with_y: bool) -> int:
+    """Bytes one step must move at least: read x, the coil maps, y (or A^H y) and the mask once, write x'."""
+    b, c, h, w = x.shape[0], phys.num_coils, x.shape[-2], x.shape[-1]
+    maps = 0 if phys.coil_maps is None else phys.coil_maps.numel() * 8
+    data = b * c * h * w * 8 if with_y else b * h * w * 8
+    return 2 * b * h * w * 8 + maps + data + phys.mask.numel() * 4
+
+
+def record_floor_gbps(benchmark, floor: int) -> None:
+    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+    if stats is not None and stats.stats.median > 0:
+        benchmark.extra_info["floor_gbps"] = floor / stats.stats.median / 1e9
+
+
 @pytest.mark.parametrize("size_name", list(SIZES))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dc_step(benchmark, variant, size_name, bench_device):
     size = SIZES[size_name]
     phys, x, y = make_problem(size, bench_device)
+    floor = floor_bytes(phys, x, with_y=not variant.endswith("_ahy"))
+    if variant == "copy":
+        if bench_device.type != "cuda":
+            pytest.skip("copy: the bandwidth reference is measured on a GPU only")
+        src = torch.empty(floor // 2, dtype=torch.uint8, device=bench_device)
+        dst = torch.empty_like(src)
+
+        def copy():
+            dst.copy_(src)
+            sync(bench_device)
+
+        benchmark.extra_info.update(
+            {"variant": variant, "size": size_name, "device": device_name(bench_device), "floor_bytes": floor}
+        )
+        benchmark.pedantic(copy, rounds=50, warmup_rounds=2)
+        record_floor_gbps(benchmark, floor)
+        return
     backend = variant.split("_")[0] if variant.startswith(("triton", "cuda")) else "torch"
     status = backends(bench_device)[backend]
     if not status.available:
@@ -88,6 +136,13 @@ def test_dc_step(benchmark, variant, size_name, bench_device):
         return out
 
     benchmark.extra_info.update(
-        {"variant": variant, "size": size_name, "device": device_name(bench_device), "rel_err": err}
+        {
+            "variant": variant,
+            "size": size_name,
+            "device": device_name(bench_device),
+            "rel_err": err,
+            "floor_bytes": floor,
+        }
     )
     benchmark.pedantic(timed, rounds=5 if bench_device.type == "cpu" else 50, warmup_rounds=1)
+    record_floor_gbps(benchmark, floor)

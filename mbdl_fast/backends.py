@@ -44,6 +44,15 @@ def _triton_import_status() -> BackendStatus:
     return _TRITON_STATUS[0]
 
 
+@torch.compiler.assume_constant_result
+def _cuda_extension_status() -> tuple[bool, str]:
+    """The extension's answer, a constant to torch.compile: it imports a module and asks the driver, which dynamo
+    cannot trace (fullgraph=True would fail on it)."""
+    from mbdl_fast._extension import cuda_extension_status
+
+    return cuda_extension_status()
+
+
 def triton_interpreter() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -66,9 +75,7 @@ def _status(name: str, device_type: str) -> BackendStatus:
             False, f"triton needs a CUDA tensor (got {device_type}); set TRITON_INTERPRET=1 to interpret on CPU"
         )
     if name == "cuda":
-        from mbdl_fast._extension import cuda_extension_status
-
-        ok, reason = cuda_extension_status()
+        ok, reason = _cuda_extension_status()
         if ok and device_type != "cuda":
             return BackendStatus(False, f"the cuda backend needs CUDA tensors (got {device_type})")
         return BackendStatus(ok, reason)

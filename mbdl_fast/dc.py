@@ -54,7 +54,7 @@ def mri_dc_step_op(
 
         return mri_dc_step_triton(x, coil_maps, mask, y, ahy, gamma, dims)
     if impl == "cuda":
-        return _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, dims)
+        return _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w)
     raise ValueError(f"impl: expected 'triton' or 'cuda', got {impl!r}")
 
 
@@ -130,25 +130,14 @@ def _dc_backward(ctx, grad):
 mri_dc_step_op.register_autograd(_dc_backward, setup_context=_dc_setup)
 
 
-def _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, dims):
-    """The ``cuda`` backend as far as it goes in this release: torch FFTs and shift signs, with the
-    k-space residual update M(M c Z - s y) run by the compiled kernel (``csrc/kspace_dc.cu``).
-    Even sizes and the 2-D transform with y only; the fully fused CUDA step is a later release."""
-    from mbdl_fast._extension import kspace_dc_update_cuda
-    from mbdl_fast.fft import shift_signs
+def _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w):
+    """The ``cuda`` backend: the compiled Level-1 step (``csrc/dc_step.cu``), any size. cuFFT with LTO callbacks
+    does the coil expansion and the centring shifts in the forward transform's loads, mask-residual-mask in its
+    stores, conj(S) in the inverse's stores; one kernel sums the coils and takes the gradient step. With A^H y
+    given and a one-axis mask, only that axis is transformed."""
+    from mbdl_fast._extension import mri_dc_step_cuda
 
-    h, w = x.shape[-2:]
-    if y is None or h % 2 or w % 2:
-        raise ValueError(
-            f"backend 'cuda': supports even sizes with y given; got {(h, w)}, y={'given' if y is not None else None}"
-        )
-    sign, c = shift_signs((h, w), (0, 1), x.device)
-    expanded = x.unsqueeze(1) if coil_maps is None else coil_maps * x.unsqueeze(1)
-    z = torch.fft.fft2(expanded * sign, norm="ortho").contiguous()
-    kspace_dc_update_cuda(z, mask, y.contiguous(), flip_h=True, flip_w=True, c=c)
-    u = torch.fft.ifft2(z, norm="ortho")
-    combined = u[:, 0] if coil_maps is None else torch.sum(coil_maps.conj() * u, dim=1)
-    return x - gamma.view(-1, 1, 1) * (c * sign * combined)
+    return mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import shutil
 import site
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def test_extension_importable_and_describes_itself():
     count = ext.cuda_device_count()
     assert isinstance(count, int) and count >= 0
     assert ext.cuda_status()
+
+
+def test_extension_links_no_cuda_library():
+    """cudart is static and cuFFT is opened at run time: the module imports where neither is installed."""
+    ext = _load_extension()
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    dynamic = subprocess.run([readelf, "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line.split()[-1] for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert needed, dynamic
+    assert not [lib for lib in needed if any(k in lib for k in ("cufft", "cudart", "nvJitLink", "libcuda."))], needed
 
 
 @pytest.mark.parametrize(
