@@ -87,6 +87,18 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    dirs = [Path(args.bench_dir)] if args.bench_dir else [Path(__file__).resolve().parents[1] / "bench", Path("bench")]
+    script = next((d / "ladder_report.py" for d in dirs if (d / "ladder_report.py").is_file()), None)
+    if script is None:
+        print(f"bench: ladder_report.py not found in {[str(d) for d in dirs]}; run from a source checkout or pass "
+              "--bench-dir", file=sys.stderr)  # fmt: skip
+        return 2
+    return subprocess.call([sys.executable, str(script), "run", "--out", args.out, "--suite", args.suite])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbdl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="write the pruned model and prune_report.json here")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=_prune)
+
+    bn = sub.add_parser("bench", help="the benchmark ladder (DEQ/DU) and pruned-prior convs: Markdown, JSON, PNG")
+    bn.add_argument("--out", default="bench/results/latest", help="output directory (default bench/results/latest)")
+    bn.add_argument("--suite", default="all", choices=["ladder", "conv", "all"])
+    bn.add_argument("--bench-dir", dest="bench_dir", default=None, help="the source checkout's bench/ directory")
+    bn.set_defaults(func=_bench)
     return parser
 
 
