@@ -38,19 +38,24 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
-    rows, dense_rows = [], []
+    rows = []
     started = time.perf_counter()
-    for strategy in args.strategies.split(","):
-        for ratio in (float(r) for r in args.ratios.split(",")):
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        for strategy in args.strategies.split(","):
             result = prune_and_report(weights_path(args.model), ratio, finetune=strategy, epochs=args.epochs,
                                       lr=args.lr, round_to=args.round_to, tol=args.tol, max_iter=args.max_iter,
                                       progress=False)  # fmt: skip
             dense, one_shot, tuned = result["rows"][1], result["rows"][2], result["rows"][3]
-            dense_rows.append(dense)
             rows.append({"strategy": strategy, "ratio": ratio, "dense": dense, "one_shot": one_shot, "tuned": tuned})
             print(f"{strategy:>16} ratio {ratio:.1f}: params {tuned['params']}, PSNR {tuned['psnr']:.2f} dB "
                   f"(dense {dense['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), {tuned['seconds_per_image'] * 1e3:.0f} ms "
                   f"vs dense {dense['seconds_per_image'] * 1e3:.0f} ms: {tuned['speedup_vs_dense']:.2f}x", flush=True)  # fmt: skip
+            _write(out, rows, args, started)
+    print(_write(out, rows, args, started))
+
+
+def _write(out: Path, rows: list, args, started: float) -> str:
+    """JSON, Markdown table and plot of the rows so far; returns the table."""
     header = {
         "model": args.model,
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
@@ -81,7 +86,7 @@ def main() -> None:
         )
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     _plot(rows, out.with_suffix(".png"), header)
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _plot(rows, path: Path, header) -> None:
