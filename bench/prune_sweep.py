@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/prune_sweep_cpu")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
     rows = []
     started = time.perf_counter()
