@@ -277,9 +277,6 @@ def test_varnet_checkpointing_matches():
 
 
 def test_varnet_default_normunet_prior():
-    priors = pytest.importorskip("mbdl_fast.priors")
-    if not hasattr(priors, "NormUNet"):
-        pytest.skip("mbdl_fast.priors.NormUNet is not written yet")
     phys, x, y = multicoil(h=16, w=16)
     model = VarNet(num_cascades=2, chans=4, pools=2)
     assert all(type(p).__name__ == "NormUNet" for p in model.priors)
