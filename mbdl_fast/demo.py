@@ -20,20 +20,16 @@ from typing import Any
 import torch
 
 from mbdl_fast.metrics import nmse, psnr, ssim
+from mbdl_fast.timing import synchronize
 
 DEQ_TOL, DEQ_MAX_ITER = 1e-4, 100
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device: torch.device):
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    synchronize(device)
     return out, time.perf_counter() - start
 
 

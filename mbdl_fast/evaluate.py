@@ -18,11 +18,7 @@ import torch.distributed as dist
 
 from mbdl_fast.checkpoint import load_model, read_metadata
 from mbdl_fast.metrics import nmse, psnr, ssim
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from mbdl_fast.timing import synchronize
 
 
 @torch.no_grad()
@@ -41,10 +37,10 @@ def evaluate_model(model: torch.nn.Module, cfg: Any, split: str = "test", batch_
         chunk = indices[start : start + batch_size]
         batch = torch.utils.data.default_collate([dataset[i] for i in chunk])
         physics, model_input, target = prepare_batch(cfg, batch, device, gen)
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         out = reconstruct(model, physics, model_input)
-        _sync(device)
+        synchronize(device)
         seconds = (time.perf_counter() - started) / len(chunk)
         info = getattr(model, "last_info", None) or {}
         per_sample_iters = info.get("iterations_per_sample")

@@ -27,3 +27,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     assert torch.isfinite(a).all(), "output contains NaN/Inf"
     assert torch.isfinite(b).all(), "reference contains NaN/Inf"
     return float((a - b).abs().pow(2).sum().sqrt() / b.abs().pow(2).sum().sqrt().clamp_min(1e-30))
+
+
+def load_extension():
+    """mbdl_fast._C; skipped only where it was not built and could not have been (no nvcc)."""
+    import importlib
+    import shutil
+
+    try:
+        return importlib.import_module("mbdl_fast._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "mbdl_fast._C":
+            raise
+        if shutil.which("nvcc") is None:
+            pytest.skip("mbdl_fast._C was not built and no nvcc is on PATH")
+        pytest.fail(
+            f"nvcc is at {shutil.which('nvcc')} but mbdl_fast._C was not built: reinstall with MBDL_FAST_CUDA=1"
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_extension
 
 from mbdl_fast import _extension
 from mbdl_fast._extension import (
@@ -25,22 +26,8 @@ from mbdl_fast._extension import (
 )
 
 
-def _load_extension():
-    """The extension module; skipped only where it was not built and could not have been (no nvcc)."""
-    try:
-        return importlib.import_module("mbdl_fast._C")
-    except ModuleNotFoundError as exc:
-        if exc.name != "mbdl_fast._C":
-            raise
-        if shutil.which("nvcc") is None:
-            pytest.skip("mbdl_fast._C was not built and no nvcc is on PATH")
-        pytest.fail(
-            f"nvcc is at {shutil.which('nvcc')} but mbdl_fast._C was not built: reinstall with MBDL_FAST_CUDA=1"
-        )
-
-
 def test_extension_importable_and_describes_itself():
-    ext = _load_extension()
+    ext = load_extension()
     built = ext.built_with()
     assert built["cuda_runtime_version"] >= 11000
     assert built["cudart"] == "static"
@@ -52,7 +39,7 @@ def test_extension_importable_and_describes_itself():
 
 def test_extension_links_no_cuda_library():
     """cudart is static and cuFFT is opened at run time: the module imports where neither is installed."""
-    ext = _load_extension()
+    ext = load_extension()
     readelf = shutil.which("readelf")
     if readelf is None:
         pytest.skip("readelf (binutils) is not installed")
@@ -77,7 +64,7 @@ def test_extension_links_no_cuda_library():
     ],
 )
 def test_extension_validates_integer_arguments(kwargs, name):
-    ext = _load_extension()
+    ext = load_extension()
     args = dict(z_ptr=1, mask_ptr=1, y_ptr=0, B=1, C=1, H=4, W=4, mask_stride_h=4, mask_stride_w=1)
     args.update(flip_h=0, flip_w=1, c=1.0, stream=0)
     args.update(kwargs)
@@ -86,7 +73,7 @@ def test_extension_validates_integer_arguments(kwargs, name):
 
 
 def test_extension_launch_without_driver_raises_naming_the_call():
-    ext = _load_extension()
+    ext = load_extension()
     if ext.cuda_device_count() > 0:
         pytest.skip("a CUDA device is present: a launch on a bogus pointer would poison its context")
     with pytest.raises(RuntimeError, match=r"cudaLaunchKernel\(kspace_dc_update\) failed: cudaError"):
@@ -190,7 +177,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 @pytest.mark.parametrize(("flip_h", "flip_w"), [(0, 0), (1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("with_y", [True, False])
 def test_kspace_dc_update_cuda_matches_ref(shape, mask_kind, flip_h, flip_w, with_y):
-    _load_extension()
+    load_extension()
     g = torch.Generator(device="cuda").manual_seed(1234)
     B, C, H, W = shape
     z = torch.randn(shape, dtype=torch.complex64, device="cuda", generator=g)

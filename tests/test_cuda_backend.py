@@ -10,13 +10,11 @@ torch.compile around the op.
 
 from __future__ import annotations
 
-import importlib
-import shutil
 import threading
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import load_extension, rel_err
 
 import mbdl_fast
 from mbdl_fast import _extension
@@ -29,25 +27,11 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 TOL = 1e-5  # relative error, fp32
 
 
-def _extension_module():
-    """mbdl_fast._C; skipped only where it was not built and could not have been (no nvcc)."""
-    try:
-        return importlib.import_module("mbdl_fast._C")
-    except ModuleNotFoundError as exc:
-        if exc.name != "mbdl_fast._C":
-            raise
-        if shutil.which("nvcc") is None:
-            pytest.skip("mbdl_fast._C was not built and no nvcc is on PATH")
-        pytest.fail(
-            f"nvcc is at {shutil.which('nvcc')} but mbdl_fast._C was not built: reinstall with MBDL_FAST_CUDA=1"
-        )
-
-
 # ------------------------------------------------------------------------------------------------
 # Any machine
 # ------------------------------------------------------------------------------------------------
 def test_level1_built_where_cufft_headers_were_found():
-    ext = _extension_module()
+    ext = load_extension()
     built = ext.built_with()
     detail = built["level1_detail"]
     if built["level1"]:
@@ -84,7 +68,7 @@ def test_level1_status_never_raises(monkeypatch):
 
 
 def test_geometry_from_python():
-    ext = _extension_module()
+    ext = load_extension()
     g = ext.dc_geometry(8, 15, 320, 320, True, True)
     assert (g["layout"], g["rank"], g["n"], g["batch"], g["separate_v"]) == (0, 2, (320, 320), 120, False)
     assert g["z_scale"] == pytest.approx(1 / 320**2) and g["y_scale"] == pytest.approx(1 / 320)
@@ -132,13 +116,13 @@ def _raw_args(**changes):
     ],
 )
 def test_raw_dc_step_names_bad_arguments(changes, name):
-    ext = _extension_module()
+    ext = load_extension()
     with pytest.raises(ValueError, match=f"^{name}: "):
         ext.dc_step(**_raw_args(**changes))
 
 
 def test_raw_dc_step_without_device_raises_naming_the_call():
-    ext = _extension_module()
+    ext = load_extension()
     if ext.cuda_device_count() > 0:
         pytest.skip("a CUDA device is present: a step on bogus pointers would poison its context")
     if not ext.built_with()["level1"]:
@@ -276,7 +260,7 @@ def test_level1_matches_reference(case, mode, callbacks):
 @pytest.mark.parametrize("size", [(256, 256), (320, 320), (368, 640), (640, 368)], ids=str)
 def test_shipped_sizes_run_with_callbacks(size):
     """At the common sizes the plans must carry the LTO callbacks: a fallback there would be silently slow."""
-    ext = _extension_module()
+    ext = load_extension()
     h, w = size
     phys, x, y, gamma = _problem(2, 3, h, w, "columns", seed=h + w)
     stream = torch.cuda.current_stream().cuda_stream
@@ -322,7 +306,7 @@ def test_dc_step_cuda_forward_and_backward(case, use_ahy):
 
 @needs_gpu
 def test_plans_cached_per_stream_and_shape():
-    ext = _extension_module()
+    ext = load_extension()
     phys, x, y, gamma = _problem(2, 3, 64, 48, "columns", seed=1)
     mbdl_fast.dc_step(phys, x, y, gamma, backend="cuda")
     before = ext.dc_step_cache_size()

@@ -26,11 +26,7 @@ from mbdl_fast.checkpoint import load_model, read_metadata, save_model
 from mbdl_fast.metrics import nmse, psnr, ssim
 from mbdl_fast.prune.channels import prune_channels
 from mbdl_fast.prune.counting import count_params_and_macs
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from mbdl_fast.timing import synchronize
 
 
 def _set_solver(model: torch.nn.Module, options: dict[str, Any]) -> None:
@@ -52,10 +48,10 @@ def _evaluate(model, cfg, batches, device, repeats: int = 1) -> dict[str, float]
     for physics, y, target in batches:
         times = []
         for _ in range(repeats):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             out = physics.A_adjoint(y) if model is None else model(y, physics)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         seconds.append(sorted(times)[len(times) // 2] / y.shape[0])
         info = getattr(model, "last_info", None) if model is not None else None
