@@ -1,16 +1,23 @@
 """Pruning-ratio sweep of the shipped DEQ-MRI model for each fine-tuning strategy (issue 4's target).
 
-    python bench/prune_sweep.py --epochs 2 --out bench/results/prune_sweep_cpu
+    python bench/prune_sweep.py --epochs 10 --lr 1e-3 --out bench/results/prune_sweep_cpu          # both phases
+    python bench/prune_sweep.py --phase time --out bench/results/prune_sweep_cpu                   # re-time only
 
-For each ratio and strategy: prune (L1), fine-tune, and measure on the test split with every model
-at the same DEQ tolerance and iteration cap, dense timed in the same call. Writes JSON, a Markdown
-table and a PSNR-vs-time plot (PNG). ``--round-to 4`` gives a finer sweep on CPUs (the default 8
-keeps tensor-core alignment on GPUs, and on a 32-channel prior leaves only widths 24 and 16).
+Phase ``train``: prune the dense model (L1) once per ratio, fine-tune a copy per strategy, and
+measure PSNR / SSIM / NMSE and DEQ iterations on the test split, every model at the same DEQ
+tolerance and iteration cap; each fine-tuned model is saved under ``--models`` and the JSON is
+rewritten after every row, so an interrupted sweep resumes where it stopped. Phase ``time``: the
+dense model and every saved pruned model are timed round-robin in one run (``--repeats`` passes
+over the test split, median), so the speed-ups come from one measurement of all models together
+and background load during the long training phase cannot bias them. Writes JSON, a Markdown table
+and a PSNR-vs-time plot (PNG). ``--round-to 4`` gives a finer sweep (the default of ``prune_channels``,
+8, keeps tensor-core alignment on GPUs but on a 32-channel prior leaves only widths 24 and 16).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -19,94 +26,179 @@ from pathlib import Path
 
 import torch
 
-from mbdl_fast.prune.pipeline import prune_and_report
+from mbdl_fast.checkpoint import load_model, save_model
+from mbdl_fast.prune.channels import prune_channels
+from mbdl_fast.prune.pipeline import finetune_pruned, load_problem, measure, time_models
 from mbdl_fast.weights import weights_path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phase", choices=("all", "train", "time"), default="all")
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
     parser.add_argument("--strategies", default="supervised,school,self_supervised")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--round-to", dest="round_to", type=int, default=4)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", dest="max_iter", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="timing passes over the test split (median)")
     parser.add_argument("--model", default="deq_mri_4x")
+    parser.add_argument("--models", default="runs/prune_sweep", help="where the fine-tuned models are saved")
     parser.add_argument("--out", default="bench/results/prune_sweep_cpu")
     args = parser.parse_args()
-    out = Path(args.out)
+    out, models_dir = Path(args.out), Path(args.models)
     out.parent.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
-    rows = []
-    started = time.perf_counter()
+    problem = load_problem(weights_path(args.model), args.tol, args.max_iter)
+    report = _load_report(out, args)
+    report["header"]["test_images"] = sum(y.shape[0] for _, y, _ in problem.batches)
+    report["header"]["dense_widths"] = sorted(set(_widths(problem.dense)))
+    if args.phase in ("all", "train"):
+        _train_phase(problem, report, args, out, models_dir)
+    if args.phase in ("all", "time"):
+        _time_phase(problem, report, args, out, models_dir)
+    print(_write(out, report))
+
+
+def _settings(args) -> dict:
+    return {"model": args.model, "epochs": args.epochs, "lr": args.lr, "round_to": args.round_to,
+            "solver": {"f_tol": args.tol, "f_max_iter": args.max_iter}}  # fmt: skip
+
+
+def _load_report(out: Path, args) -> dict:
+    """The JSON so far when it was made with the same settings (a resumed sweep), else a fresh one."""
+    path = out.with_suffix(".json")
+    if path.is_file():
+        report = json.loads(path.read_text())
+        if report.get("header", {}).get("settings") == _settings(args):
+            return report
+    return {"header": {"settings": _settings(args), "train_seconds": 0.0}, "dense": None, "rows": []}
+
+
+def _model_dir(models_dir: Path, ratio: float, strategy: str) -> Path:
+    return models_dir / f"r{ratio:.2f}_{strategy}"
+
+
+def _train_phase(problem, report: dict, args, out: Path, models_dir: Path) -> None:
+    started = time.perf_counter() - report["header"]["train_seconds"]
+    if report["dense"] is None:
+        report["dense"] = measure(problem, problem.dense)
+    done = {(r["ratio"], r["strategy"]) for r in report["rows"]}
+    physics0, y0, _ = problem.batches[0]
     for ratio in (float(r) for r in args.ratios.split(",")):
-        for strategy in args.strategies.split(","):
-            result = prune_and_report(weights_path(args.model), ratio, finetune=strategy, epochs=args.epochs,
-                                      lr=args.lr, round_to=args.round_to, tol=args.tol, max_iter=args.max_iter,
-                                      progress=False)  # fmt: skip
-            dense, one_shot, tuned = result["rows"][1], result["rows"][2], result["rows"][3]
-            rows.append({"strategy": strategy, "ratio": ratio, "dense": dense, "one_shot": one_shot, "tuned": tuned})
-            print(f"{strategy:>16} ratio {ratio:.1f}: params {tuned['params']}, PSNR {tuned['psnr']:.2f} dB "
-                  f"(dense {dense['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), {tuned['seconds_per_image'] * 1e3:.0f} ms "
-                  f"vs dense {dense['seconds_per_image'] * 1e3:.0f} ms: {tuned['speedup_vs_dense']:.2f}x", flush=True)  # fmt: skip
-            _write(out, rows, args, started)
-    print(_write(out, rows, args, started))
+        strategies = [s for s in args.strategies.split(",") if (ratio, s) not in done]
+        if not strategies:
+            continue
+        pruned = prune_channels(problem.dense, ratio, round_to=args.round_to, check_inputs=(y0, physics0))
+        one_shot = measure(problem, pruned)
+        for strategy in strategies:
+            tuned = copy.deepcopy(pruned)
+            history = finetune_pruned(problem, tuned, strategy, args.epochs, args.lr, progress=False)
+            row = {"strategy": strategy, "ratio": ratio, "widths": _widths(tuned), "one_shot": one_shot,
+                   "tuned": measure(problem, tuned), "history": history}  # fmt: skip
+            save_model(tuned, _model_dir(models_dir, ratio, strategy),
+                       metadata={"config": problem.meta["config"], "pruning": {"ratio": ratio, "strategy": strategy}})  # fmt: skip
+            report["rows"].append(row)
+            report["header"]["train_seconds"] = time.perf_counter() - started
+            t, d = row["tuned"], report["dense"]
+            print(f"{strategy:>16} ratio {ratio:.1f}: params {t['params']}, PSNR {t['psnr']:.2f} dB (dense "
+                  f"{d['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), iterations {t['iterations']:.1f} vs "
+                  f"{d['iterations']:.1f}", flush=True)  # fmt: skip
+            _write(out, report)
 
 
-def _write(out: Path, rows: list, args, started: float) -> str:
-    """JSON, Markdown table and plot of the rows so far; returns the table."""
-    header = {
-        "model": args.model,
+def _widths(model: torch.nn.Module) -> list[int]:
+    from mbdl_fast.prune.channels import find_priors
+
+    return [w for _, prior in find_priors(model) for w in getattr(prior, "widths", [])]
+
+
+def _time_phase(problem, report: dict, args, out: Path, models_dir: Path) -> None:
+    models = {"dense": problem.dense}
+    for row in report["rows"]:
+        key = f"r{row['ratio']:.2f}_{row['strategy']}"
+        models[key] = load_model(_model_dir(models_dir, row["ratio"], row["strategy"]), map_location=problem.device)
+    started = time.perf_counter()
+    seconds = time_models(problem, models, repeats=args.repeats)
+    report["timing"] = {
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "round_to": args.round_to,
-        "solver": {"f_tol": args.tol, "f_max_iter": args.max_iter},
+        "repeats": args.repeats,
+        "test_images": sum(y.shape[0] for _, y, _ in problem.batches),
         "seconds": time.perf_counter() - started,
+        "seconds_per_image": seconds,
     }
-    (out.with_suffix(".json")).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    _write(out, report)
+
+
+def _write(out: Path, report: dict) -> str:
+    """JSON, Markdown table and (once timed) plot of the rows so far; returns the table."""
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    s, d, timing = report["header"]["settings"], report["dense"], report.get("timing")
+    secs = timing["seconds_per_image"] if timing else {}
+    head = (f"Shipped `{s['model']}`: L1 channel pruning (widths rounded to multiples of {s['round_to']}), "
+            f"fine-tuning {s['epochs']} epochs at lr {s['lr']:g} with the model's training tolerance; every "
+            f"model measured at DEQ tol {s['solver']['f_tol']:g}, cap {s['solver']['f_max_iter']}, on the "
+            f"{report['header']['test_images']} test slices.")  # fmt: skip
+    if timing:
+        head += (f" Times: {timing['device']}, torch {timing['torch']}, all models timed round-robin in one run, "
+                 f"median of {timing['repeats']} passes over {timing['test_images']} images.")  # fmt: skip
     lines = [
-        f"Shipped `{args.model}`, {header['device']}, torch {header['torch']}; every row timed at DEQ tol "
-        f"{args.tol:g}, cap {args.max_iter}, dense re-timed in the same call; fine-tuning {args.epochs} epochs, "
-        f"lr {args.lr:g}; channels rounded to multiples of {args.round_to}.",
+        head,
         "",
-        "| strategy | ratio | params | GMACs/prior call | PSNR dense | PSNR one-shot | PSNR fine-tuned | ΔPSNR | "
-        "iters dense | iters pruned | ms/img dense | ms/img pruned | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| strategy | ratio | widths | params | GMACs/prior call | PSNR one-shot | PSNR fine-tuned | ΔPSNR vs dense | "
+        "SSIM | iterations | ms/image | speed-up vs dense |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        d, o, t = r["dense"], r["one_shot"], r["tuned"]
+    if d:
+        dense_ms = secs.get("dense")
+        widths = "/".join(map(str, report["header"]["dense_widths"]))
+        lines.append(f"| dense | 0 | {widths} | {d['params']} | {d['macs_per_prior_call'] / 1e9:.3f} | - | {d['psnr']:.2f} | "
+                     f"- | {d['ssim']:.4f} | {d['iterations']:.1f} | {_ms(dense_ms)} | 1.00x |")  # fmt: skip
+    for r in sorted(report["rows"], key=lambda r: (r["strategy"], r["ratio"])):
+        o, t = r["one_shot"], r["tuned"]
+        key = f"r{r['ratio']:.2f}_{r['strategy']}"
+        speed = f"{secs['dense'] / secs[key]:.2f}x" if key in secs else "-"
+        widths = sorted(set(r["widths"]))
         lines.append(
-            f"| {r['strategy']} | {r['ratio']:.1f} | {t['params']} | {t['macs_per_prior_call'] / 1e9:.3f} | {d['psnr']:.2f} | "
-            f"{o['psnr']:.2f} | {t['psnr']:.2f} | {t['psnr'] - d['psnr']:+.2f} | {d['iterations']:.1f} | "
-            f"{t['iterations']:.1f} | {d['seconds_per_image'] * 1e3:.0f} | {t['seconds_per_image'] * 1e3:.0f} | "
-            f"{t['speedup_vs_dense']:.2f}x |"
+            f"| {r['strategy']} | {r['ratio']:.1f} | {'/'.join(map(str, widths))} | {t['params']} | "
+            f"{t['macs_per_prior_call'] / 1e9:.3f} | {o['psnr']:.2f} | {t['psnr']:.2f} | {t['psnr'] - d['psnr']:+.2f} | "
+            f"{t['ssim']:.4f} | {t['iterations']:.1f} | {_ms(secs.get(key))} | {speed} |"
         )
-    (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
-    _plot(rows, out.with_suffix(".png"), header)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if timing:
+        _plot(report, out.with_suffix(".png"))
     return "\n".join(lines)
 
 
-def _plot(rows, path: Path, header) -> None:
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1e3:.0f}" if seconds is not None else "-"
+
+
+def _plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    secs = report["timing"]["seconds_per_image"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        sel = [r for r in rows if r["strategy"] == strategy]
-        ax.plot([r["tuned"]["seconds_per_image"] * 1e3 for r in sel], [r["tuned"]["psnr"] for r in sel], "o-",
-                label=strategy)  # fmt: skip
-        for r in sel:
-            ax.annotate(f"{r['ratio']:.1f}", (r["tuned"]["seconds_per_image"] * 1e3, r["tuned"]["psnr"]), fontsize=7)
-    dense = rows[0]["dense"]
-    ax.plot([dense["seconds_per_image"] * 1e3], [dense["psnr"]], "k*", markersize=12, label="dense")
-    ax.set_xlabel("time per image (ms), same DEQ tolerance")
+    for strategy in dict.fromkeys(r["strategy"] for r in report["rows"]):
+        sel = sorted((r for r in report["rows"] if r["strategy"] == strategy), key=lambda r: r["ratio"])
+        xs = [secs[f"r{r['ratio']:.2f}_{strategy}"] * 1e3 for r in sel]
+        ys = [r["tuned"]["psnr"] for r in sel]
+        ax.plot(xs, ys, "o-", label=strategy)
+        for r, x, y in zip(sel, xs, ys, strict=True):
+            ax.annotate(f"{r['ratio']:.1f}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    d = report["dense"]
+    ax.plot([secs["dense"] * 1e3], [d["psnr"]], "k*", markersize=12, label="dense")
+    ax.axhline(d["psnr"] - 0.1, color="gray", lw=0.8, ls="--", label="dense − 0.1 dB")
+    s = report["header"]["settings"]
+    ax.set_xlabel(f"time per image (ms), DEQ tol {s['solver']['f_tol']:g}, cap {s['solver']['f_max_iter']}")
     ax.set_ylabel("PSNR (dB), test slices")
-    ax.set_title(f"{header['model']}: pruning ratio sweep ({header['device']})", fontsize=9)
+    ax.set_title(f"{s['model']}: pruning ratio sweep, {s['epochs']} fine-tuning epochs "
+                 f"({report['timing']['device']})", fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,121 @@ class _WithSearch:
         return parts
 
 
+@dataclass
+class PruneProblem:
+    """A trained checkpoint ready to prune and measure: the dense model, its test batches and solver settings.
+
+    ``train_options``: the DEQ tolerance the model was trained at (fine-tuning keeps it);
+    ``eval_options``: the tolerance and iteration cap every measured model gets (empty for non-DEQs).
+    """
+
+    checkpoint: Path
+    meta: dict[str, Any]
+    cfg: Any  # mbdl_fast.train.TrainConfig
+    dense: torch.nn.Module
+    batches: list[tuple[Any, torch.Tensor, torch.Tensor]]
+    train_options: dict[str, Any]
+    eval_options: dict[str, Any]
+    prior_shape: tuple[int, int, int, int]
+    device: torch.device
+
+
+def load_problem(
+    checkpoint: str | Path,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    batch_size: int = 2,
+    num_test: int | None = None,
+    device: str | torch.device | None = None,
+) -> PruneProblem:
+    """Load ``checkpoint`` (with its training config) and prepare its test split as (physics, y, target) batches."""
+    from mbdl_fast.train import TrainConfig, make_dataset, prepare_batch
+
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = read_metadata(checkpoint)
+    if "config" not in meta:
+        raise ValueError(f"checkpoint: {checkpoint} carries no training config in its metadata")
+    cfg = TrainConfig.from_dict(meta["config"])
+    dense = load_model(checkpoint, map_location=device)
+    train_options = _solver_options(dense)
+    eval_options = {"f_tol": tol, "f_max_iter": max_iter} if train_options else {}
+    test = make_dataset(cfg, "test")
+    count = len(test) if num_test is None else min(num_test, len(test))
+    batches = []
+    for start in range(0, count, batch_size):
+        batch = torch.utils.data.default_collate([test[i] for i in range(start, min(start + batch_size, count))])
+        batches.append(prepare_batch(cfg, batch, device))
+    return PruneProblem(Path(checkpoint), meta, cfg, dense, batches, train_options, eval_options, _prior_shape(cfg),
+                        device)  # fmt: skip
+
+
+def finetune_pruned(
+    problem: PruneProblem,
+    model: torch.nn.Module,
+    finetune: str,
+    epochs: int,
+    lr: float,
+    batch_size: int = 2,
+    searches: list | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Fine-tune ``model`` (a pruned model) in place by strategy ``finetune`` at the dense model's training tolerance.
+
+    ``school`` uses the dense model as the frozen teacher. ``searches``: SLS N:M searches whose MAC
+    regulariser joins the loss. Returns the per-epoch history.
+    """
+    from mbdl_fast.finetune import finetune as run_finetune
+    from mbdl_fast.finetune.strategies import make_strategy
+    from mbdl_fast.train import make_dataset
+
+    strategy = make_strategy(finetune)
+    if searches:
+        strategy = _WithSearch(strategy, searches)
+    _set_solver(model, problem.train_options)
+    _set_solver(problem.dense, problem.train_options)
+    cfg = problem.cfg
+    result = run_finetune(
+        model, make_dataset(cfg, "train"), strategy, batch_to_problem=cfg, epochs=epochs, lr=lr,
+        batch_size=batch_size, teacher=problem.dense if finetune == "school" else None,
+        val_dataset=make_dataset(cfg, "val"), progress=progress,
+    )  # fmt: skip
+    return result["history"]
+
+
+def measure(problem: PruneProblem, model: torch.nn.Module | None, repeats: int = 1) -> dict[str, Any]:
+    """Params, MACs per prior call, test metrics, iterations and time per image of ``model`` (None: zero-filled)
+    at the problem's evaluation tolerance."""
+    if model is not None:
+        _set_solver(model, problem.eval_options)
+        model.eval()
+    metrics = _evaluate(model, problem.cfg, problem.batches, problem.device, repeats)
+    counts = count_params_and_macs(model, problem.prior_shape) if model is not None else {"params": 0, "macs": 0}
+    return {"params": counts["params"], "macs_per_prior_call": counts["macs"], **metrics}
+
+
+@torch.no_grad()
+def time_models(problem: PruneProblem, models: dict[str, torch.nn.Module], repeats: int = 3) -> dict[str, float]:
+    """Median seconds per test image of each model, all at the evaluation tolerance, timed round-robin.
+
+    Interleaving the models (every repeat runs each model over the whole test split once) spreads any
+    background load evenly, so the ratios between models are what one run can trust.
+    """
+    for model in models.values():
+        _set_solver(model, problem.eval_options)
+        model.eval()
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    images = sum(y.shape[0] for _, y, _ in problem.batches)
+    for _ in range(repeats):
+        for name, model in models.items():
+            synchronize(problem.device)
+            start = time.perf_counter()
+            for physics, y, _ in problem.batches:
+                model(y, physics)
+            synchronize(problem.device)
+            samples[name].append((time.perf_counter() - start) / images)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
 def prune_and_report(
     checkpoint: str | Path,
     ratio: float,
@@ -137,31 +253,13 @@ def prune_and_report(
     seconds per image, all timed here at ``tol`` / ``max_iter`` (DEQs). Saves the fine-tuned model
     and a JSON report under ``out`` when given.
     """
-    from mbdl_fast.finetune import finetune as run_finetune
-    from mbdl_fast.finetune.strategies import make_strategy
-    from mbdl_fast.train import TrainConfig, make_dataset, prepare_batch
-
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = read_metadata(checkpoint)
-    if "config" not in meta:
-        raise ValueError(f"checkpoint: {checkpoint} carries no training config in its metadata")
-    cfg = TrainConfig.from_dict(meta["config"])
-    dense = load_model(checkpoint, map_location=device)
-    train_options = _solver_options(dense)
-    eval_options = {"f_tol": tol, "f_max_iter": max_iter} if train_options else {}
-
-    test = make_dataset(cfg, "test")
-    count = len(test) if num_test is None else min(num_test, len(test))
-    batches = []
-    for start in range(0, count, batch_size):
-        batch = torch.utils.data.default_collate([test[i] for i in range(start, min(start + batch_size, count))])
-        batches.append(prepare_batch(cfg, batch, device))
-    physics0, y0, _ = batches[0]
+    problem = load_problem(checkpoint, tol, max_iter, batch_size, num_test, device)
+    dense, meta = problem.dense, problem.meta
+    physics0, y0, _ = problem.batches[0]
 
     started = time.perf_counter()
     pruned = prune_channels(dense, ratio, importance=importance, round_to=round_to, check_inputs=(y0, physics0))
     prune_seconds = time.perf_counter() - started
-    shape = _prior_shape(cfg)
     models: dict[str, torch.nn.Module | None] = {"zero-filled": None, "dense": dense, "pruned (one-shot)": pruned}
 
     history = None
@@ -170,30 +268,16 @@ def prune_and_report(
         tuned = copy.deepcopy(pruned)
         searches = None
         if nm or nm_budget:
-            searches, label = _nm_step(tuned, nm, nm_budget, shape)
+            searches, label = _nm_step(tuned, nm, nm_budget, problem.prior_shape)
         if finetune:
-            strategy = make_strategy(finetune)
-            if searches:
-                strategy = _WithSearch(strategy, searches)
-            _set_solver(tuned, train_options)
-            _set_solver(dense, train_options)
-            result = run_finetune(
-                tuned, make_dataset(cfg, "train"), strategy, batch_to_problem=cfg, epochs=epochs, lr=lr,
-                batch_size=batch_size, teacher=dense if finetune == "school" else None,
-                val_dataset=make_dataset(cfg, "val"), progress=progress,
-            )  # fmt: skip
-            history = result["history"]
+            history = finetune_pruned(problem, tuned, finetune, epochs, lr, batch_size, searches, progress)
         name = f"fine-tuned ({finetune})" if finetune else "pruned"
         models[name + (f" + {label}" if label else "")] = tuned
 
     rows = []
+    shape = problem.prior_shape
     for name, model in models.items():
-        if model is not None:
-            _set_solver(model, eval_options)
-            model.eval()
-        metrics = _evaluate(model, cfg, batches, device, repeats)
-        counts = count_params_and_macs(model, shape) if model is not None else {"params": 0, "macs": 0}
-        row = {"model": name, "params": counts["params"], "macs_per_prior_call": counts["macs"], **metrics}
+        row = {"model": name, **measure(problem, model, repeats)}
         if label and name.endswith(label):
             from mbdl_fast.prune.channels import find_priors
             from mbdl_fast.prune.nm import nm_report
@@ -213,9 +297,9 @@ def prune_and_report(
         "epochs": epochs,
         "nm": nm,
         "nm_budget": nm_budget,
-        "eval_solver": eval_options,
-        "finetune_solver": train_options,
-        "test_images": count,
+        "eval_solver": problem.eval_options,
+        "finetune_solver": problem.train_options,
+        "test_images": sum(y.shape[0] for _, y, _ in problem.batches),
         "device": str(device),
         "prune_seconds": prune_seconds,
         "torch": torch.__version__,
