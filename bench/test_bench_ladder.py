@@ -3,7 +3,8 @@
 Rungs, each adding one thing to the one before (where it runs here; a row says what it ran):
 
     dense eager     the shipped DEQ as trained, DC step by the torch reference
-    + pruned        ``prune_channels(deq, 0.25)`` (or MBDL_FAST_LADDER_PRUNED, e.g. a fine-tuned one)
+    + pruned        the shipped ``deq_mri_4x_pruned50`` (fine-tuned) with the shipped DEQ; else
+                    MBDL_FAST_LADDER_PRUNED, or ``prune_channels(deq, 0.25)`` one-shot as the last resort
     + fused DC      the fused Triton DC step (CUDA)
     + fast layers   ``to_fast`` + channels_last (CUDA: fused Triton / cuDNN per shape; CPU: F.conv2d in NHWC)
     + graphs        CUDA graphs: DEQ iterations in captured chunks, DU forward in one graph (CUDA)
@@ -106,6 +107,8 @@ def ladder(bench_device):
     items = [test[i % len(test)] for i in range(batch)]  # the test split cycled to fill the batch
     physics, y, target = prepare_batch(cfg, torch.utils.data.default_collate(items), bench_device)
     pruned_path = os.environ.get("MBDL_FAST_LADDER_PRUNED")
+    if not pruned_path and path == weights_path("deq_mri_4x"):
+        pruned_path = str(weights_path("deq_mri_4x_pruned50"))
     if pruned_path:
         pruned = load_model(pruned_path, map_location=bench_device).eval()
         pruned_label = f"pruned ({Path(pruned_path).name})"

@@ -53,15 +53,17 @@ def run_demo(
     notes = []
     try:
         deq, deq_meta = _load("deq_mri_4x", weights_dir, device)
+        deq_pruned, _ = _load("deq_mri_4x_pruned50", weights_dir, device)
         varnet, _ = _load("varnet_mri_4x", weights_dir, device)
         deq.configure(f_tol=DEQ_TOL, f_max_iter=DEQ_MAX_ITER)
+        deq_pruned.configure(f_tol=DEQ_TOL, f_max_iter=DEQ_MAX_ITER)  # the same tolerance as the dense DEQ
         cfg = TrainConfig.from_dict(deq_meta["config"])
     except FileNotFoundError as err:
         if weights_dir is not None:
             raise
         # An install without the shipped weights still shows the classical reconstructions, and says why.
         notes.append(f"learned models skipped: {err}")
-        deq = varnet = None
+        deq = deq_pruned = varnet = None
         cfg = TrainConfig(task="mri", size=128, coils=8, acceleration=4, mask_type="random")
     dataset = make_dataset(cfg, "test")
     n = min(num_images, len(dataset))
@@ -75,10 +77,11 @@ def run_demo(
         (cg, info), t = _timed(lambda: conjugate_gradient(physics.A_adjoint_A, zf, tol=1e-5, max_iter=cg_iterations),
                                device)  # fmt: skip
         recons["CG-SENSE"] = (cg, t, float(info["iterations"]))
-        if deq is not None:
-            x, t = _timed(lambda: deq(kspace, physics), device)
-            iters = deq.last_info["iterations_per_sample"].float().mean().item()
-            recons[f"DEQ (tol {DEQ_TOL:g})"] = (x, t, iters)
+        for name, model in ((f"DEQ (tol {DEQ_TOL:g})", deq), (f"DEQ pruned 50% (tol {DEQ_TOL:g})", deq_pruned)):
+            if model is not None:
+                x, t = _timed(lambda model=model: model(kspace, physics), device)
+                iters = model.last_info["iterations_per_sample"].float().mean().item()
+                recons[name] = (x, t, iters)
         if varnet is not None:
             x, t = _timed(lambda: varnet(kspace, physics), device)
             recons["DU (VarNet)"] = (x, t, float(varnet.num_cascades))
@@ -92,10 +95,10 @@ def run_demo(
     b, c, h, w = kspace.shape
     header = (f"{n} shipped test brain slices {h}x{w}, {c} coils, {cfg.mask_type} mask {cfg.acceleration:g}x "
               f"(keeps {float(physics.mask.mean()):.1%}), device {device}")  # fmt: skip
-    lines = [header, f"{'method':<18}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'s/image':>10}"]
+    lines = [header, f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'s/image':>10}"]
     for r in rows:
         iters = f"{r['iterations']:.1f}" if r["iterations"] is not None else "-"
-        lines.append(f"{r['method']:<18}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}"
+        lines.append(f"{r['method']:<28}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}"
                      f"{r['seconds_per_image']:>10.3f}")  # fmt: skip
     table = "\n".join(lines + notes)
 

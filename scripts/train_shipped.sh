@@ -12,32 +12,40 @@ log() { echo "[$(date +%H:%M:%S)] $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if want 1; then
-  log "1/5 EDSR prior pre-trained as a denoiser of complex brain images (AWGN sigma 0.05), as SPADE does"
+  log "1/6 EDSR prior pre-trained as a denoiser of complex brain images (AWGN sigma 0.05), as SPADE does"
   mbdl-fast train --task denoise --model edsr --prior-args "$EDSR" --size 128 --denoise-sigma 0.05 \
     --epochs 30 --batch-size 4 --lr 1e-3 --out "$OUT/edsr_denoise" --quiet
 fi
 if want 2; then
-  log "2/5 DEQ (EDSR prior), 8 coils, 4x random mask"
+  log "2/6 DEQ (EDSR prior), 8 coils, 4x random mask"
   mbdl-fast train --task mri --model deq --prior edsr --prior-args "$EDSR" --init-prior "$OUT/edsr_denoise/model_best" \
     --model-args "$DEQ_TRAIN" "${MRI[@]}" --acceleration 4 --mask-type random --epochs 10 --lr 2e-4 \
     --out "$OUT/deq_mri_4x" --quiet
 fi
 if want 3; then
-  log "3/5 DEQ (EDSR prior), 8 coils, SPADE's 6x uniform mask with ACS band"
+  log "3/6 DEQ (EDSR prior), 8 coils, SPADE's 6x uniform mask with ACS band"
   mbdl-fast train --task mri --model deq --prior edsr --prior-args "$EDSR" --init-prior "$OUT/edsr_denoise/model_best" \
     --model-args "$DEQ_TRAIN" "${MRI[@]}" --acceleration 6 --mask-type uniform --epochs 10 --lr 2e-4 \
     --out "$OUT/deq_mri_6x_uniform" --quiet
 fi
 if want 4; then
-  log "4/5 VarNet (8 cascades, NormUNet 8 channels, 3 poolings), 8 coils, 4x random mask"
+  log "4/6 VarNet (8 cascades, NormUNet 8 channels, 3 poolings), 8 coils, 4x random mask"
   mbdl-fast train --task mri --model varnet --model-args '{"num_cascades": 8, "chans": 8, "pools": 3}' "${MRI[@]}" \
     --acceleration 4 --mask-type random --epochs 60 --lr 1e-3 --out "$OUT/varnet_mri_4x" --quiet
 fi
 if want 5; then
-  log "5/5 DEQ (EDSR prior: 32 channels, 8 blocks, 1 channel), 2x bicubic super-resolution, natural images"
+  log "5/6 DEQ (EDSR prior: 32 channels, 8 blocks, 1 channel), 2x bicubic super-resolution, natural images"
   mbdl-fast train --task sr --model deq --prior edsr --prior-args '{"width": 32, "num_blocks": 8}' \
     --model-args "$DEQ_TRAIN" --size 64 --sr-factor 2 --sr-kernel bicubic --batch-size 4 --epochs 25 --lr 1e-3 \
     --out "$OUT/deq_sr_2x" --quiet
+fi
+
+if want 6; then
+  log "6/6 deq_mri_4x pruned 50% (L1, 32 -> 16 channels), supervised fine-tuning 25 epochs at its training tolerance"
+  mbdl-fast prune --checkpoint mbdl_fast/weights/deq_mri_4x --ratio 0.5 --importance l1 --finetune supervised \
+    --epochs 25 --lr 1e-3 --out "$OUT/deq_mri_4x_pruned50"
+  cp "$OUT/deq_mri_4x_pruned50/model_pruned.safetensors" mbdl_fast/weights/deq_mri_4x_pruned50.safetensors
+  cp "$OUT/deq_mri_4x_pruned50/model_pruned.json" mbdl_fast/weights/deq_mri_4x_pruned50.json
 fi
 
 log "copying the best models into mbdl_fast/weights/"

@@ -127,7 +127,9 @@ def test_eval_reports_per_image_rows(tmp_path):
 
 
 def test_demo_runs_end_to_end_with_tiny_models(tmp_path, capsys):
+    from mbdl_fast.checkpoint import load_model, read_metadata, save_model
     from mbdl_fast.cli import main
+    from mbdl_fast.prune import prune_channels
 
     weights = tmp_path / "weights"
     run(TINY_DEQ, tmp_path / "deq")
@@ -136,10 +138,19 @@ def test_demo_runs_end_to_end_with_tiny_models(tmp_path, capsys):
     for run_dir, name in (("deq", "deq_mri_4x"), ("vn", "varnet_mri_4x")):
         for suffix in (".safetensors", ".json"):
             (weights / f"{name}{suffix}").write_bytes((tmp_path / run_dir / f"model_best{suffix}").read_bytes())
+    dense = tmp_path / "deq" / "model_best"
+    pruned = prune_channels(load_model(dense), 0.5, round_to=2)
+    save_model(pruned, weights / "deq_mri_4x_pruned50", metadata=read_metadata(dense))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["demo", "--num-images", "2", "--weights-dir", str(weights), "--out", str(tmp_path / "o")]) == 0
     result = json.loads((tmp_path / "o" / "demo.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["zero-filled", "CG-SENSE", "DEQ (tol 0.0001)", "DU (VarNet)"]
+    assert [r["method"] for r in result["rows"]] == [
+        "zero-filled",
+        "CG-SENSE",
+        "DEQ (tol 0.0001)",
+        "DEQ pruned 50% (tol 0.0001)",
+        "DU (VarNet)",
+    ]
     assert (tmp_path / "o" / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert "PSNR" in capsys.readouterr().out

@@ -25,7 +25,7 @@ def test_shipped_model_loads(name):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("name", ["deq_mri_4x", "deq_mri_6x_uniform", "varnet_mri_4x"])
+@pytest.mark.parametrize("name", ["deq_mri_4x", "deq_mri_6x_uniform", "varnet_mri_4x", "deq_mri_4x_pruned50"])
 def test_shipped_mri_models_beat_zero_filled_by_several_db(name):
     physics, y, target = first_test_batch(name)
     model = load_pretrained(name)
@@ -44,3 +44,13 @@ def test_shipped_sr_model_beats_bicubic_interpolation():
         out = model(y, physics)
     bicubic = torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic", align_corners=False)
     assert float(psnr(out, target)) > float(psnr(bicubic, target))
+
+
+def test_shipped_pruned_model_is_deq_mri_4x_with_half_the_channels():
+    dense, pruned = load_pretrained("deq_mri_4x"), load_pretrained("deq_mri_4x_pruned50")
+    assert set(dense.prior.widths) == {32} and set(pruned.prior.widths) == {16}
+    assert len(pruned.prior.widths) == len(dense.prior.widths)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(pruned) < count(dense) / 3.5
+    pruning = read_metadata(weights_path("deq_mri_4x_pruned50"))["pruning"]
+    assert pruning["ratio"] == 0.5 and pruning["finetune"] == "supervised"

@@ -15,6 +15,8 @@ SHIPPED = {
     "deq_mri_4x": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, 4x random mask",
     "deq_mri_6x_uniform": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, SPADE's 6x uniform mask",
     "varnet_mri_4x": "VarNet, 8 cascades of NormUNet (8 channels, 3 poolings), 8-coil brain MRI, 4x random mask",
+    "deq_mri_4x_pruned50": "deq_mri_4x with its EDSR prior pruned 50% (L1, 32 -> 16 channels), supervised "
+    "fine-tuning 25 epochs at the training tolerance (mbdl-fast prune; step 6 of scripts/train_shipped.sh)",
     "deq_sr_2x": "DEQ, EDSR prior (32 channels, 8 blocks, 1 channel in/out), 2x bicubic super-resolution",
 }
 
