@@ -15,6 +15,10 @@ Environment switches:
                               the build environment or of this interpreter's environment, else the CUDA toolkit.
                               Without cuFFT headers the extension is built without Level 1 and says why
                               (mbdl_fast._C.built_with()["level1_detail"]). libcufft itself is opened at run time.
+    MBDL_FAST_MATHDX_ROOT     a folder with include/cufftdx.hpp (cuFFTDx >= 1.5) for the Level-2 DC step (cuFFTDx
+                              row/column passes). Default: the nvidia-mathdx wheel (site-packages/nvidia/mathdx),
+                              found as nvidia-cufft is. Without it the extension is built without Level 2 and says
+                              why (mbdl_fast._C.built_with()["level2_detail"]). Header-only: nothing to load later.
 
 Without a package index: ``pip install --no-build-isolation .`` (needs setuptools, wheel and pybind11 installed).
 """
@@ -56,16 +60,10 @@ def find_nvcc() -> str | None:
     return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
 
 
-def find_cufft_root() -> str | None:
-    """The folder holding include/cufftXt.h of the CUDA 13 cuFFT (the nvidia-cufft wheel's nvidia/cu13), or None.
-
-    Looked for in MBDL_FAST_CUFFT_ROOT, then in the `nvidia` namespace package importable here (a build without
-    isolation), then in this interpreter's site-packages: an isolated build runs the target environment's own
-    interpreter, whose purelib is where torch's CUDA wheels put nvidia-cufft. CMake falls back to the toolkit.
-    """
-    explicit = os.environ.get("MBDL_FAST_CUFFT_ROOT", "").strip()
-    if explicit:
-        return explicit
+def nvidia_package_locations() -> list[Path]:
+    """Folders of the `nvidia` namespace package: importable here (a build without isolation), then this
+    interpreter's site-packages (an isolated build runs the target environment's interpreter, whose purelib is where
+    the nvidia-* wheels are)."""
     locations: list[Path] = []
     try:
         spec = importlib.util.find_spec("nvidia")
@@ -77,10 +75,37 @@ def find_cufft_root() -> str | None:
         path = sysconfig.get_path(key)
         if path:
             locations.append(Path(path) / "nvidia")
-    for location in locations:
+    return locations
+
+
+def find_cufft_root() -> str | None:
+    """The folder holding include/cufftXt.h of the CUDA 13 cuFFT (the nvidia-cufft wheel's nvidia/cu13), or None.
+
+    Looked for in MBDL_FAST_CUFFT_ROOT, then in the `nvidia` namespace package importable here (a build without
+    isolation), then in this interpreter's site-packages: an isolated build runs the target environment's own
+    interpreter, whose purelib is where torch's CUDA wheels put nvidia-cufft. CMake falls back to the toolkit.
+    """
+    explicit = os.environ.get("MBDL_FAST_CUFFT_ROOT", "").strip()
+    if explicit:
+        return explicit
+    for location in nvidia_package_locations():
         for sub in ("cu13", "cufft"):  # cu13: CUDA 13's wheel layout; cufft: CUDA 12's (CMake refuses its version)
             if (location / sub / "include" / "cufftXt.h").is_file():
                 return str(location / sub)
+    return None
+
+
+def find_mathdx_root() -> str | None:
+    """The folder holding include/cufftdx.hpp (the nvidia-mathdx wheel's nvidia/mathdx), or None.
+
+    MBDL_FAST_MATHDX_ROOT first, then the `nvidia` namespace package as for cuFFT (nvidia_package_locations).
+    """
+    explicit = os.environ.get("MBDL_FAST_MATHDX_ROOT", "").strip()
+    if explicit:
+        return explicit
+    for location in nvidia_package_locations():
+        if (location / "mathdx" / "include" / "cufftdx.hpp").is_file():
+            return str(location / "mathdx")
     return None
 
 
@@ -140,9 +165,11 @@ class CMakeBuild(build_ext):
         archs = cmake_architectures(os.environ.get("MBDL_FAST_CUDA_ARCHS", DEFAULT_ARCHS))
         jobs = os.environ.get("MAX_JOBS", "2")
         cufft_root = find_cufft_root()
-        # One build folder per interpreter, compiler, architectures and cuFFT: a cache made for another never
-        # misleads it.
-        key = hashlib.sha1(f"{sys.executable}|{ext.nvcc}|{archs}|{cufft_root}".encode()).hexdigest()[:10]
+        mathdx_root = find_mathdx_root()
+        # One build folder per interpreter, compiler, architectures, cuFFT and cuFFTDx: a cache made for another
+        # never misleads it.
+        key = f"{sys.executable}|{ext.nvcc}|{archs}|{cufft_root}|{mathdx_root}"
+        key = hashlib.sha1(key.encode()).hexdigest()[:10]
         build_dir = Path(self.build_temp).resolve() / f"cmake-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         ninja = shutil.which("ninja")
@@ -161,11 +188,13 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DMBDL_FAST_OUTPUT_DIR={target.parent}",
             f"-DMBDL_FAST_CUFFT_ROOT={cufft_root or ''}",
+            f"-DMBDL_FAST_MATHDX_ROOT={mathdx_root or ''}",
         ]
         say(
             f"building {ext.name} -> {target} with {ext.nvcc}, CUDA architectures {archs}, "
             f"{'ninja' if ninja else 'the default CMake generator (ninja not found)'}, {jobs} jobs, "
-            f"cuFFT headers: {cufft_root or 'the CUDA toolkit (no nvidia-cufft wheel found)'}"
+            f"cuFFT headers: {cufft_root or 'the CUDA toolkit (no nvidia-cufft wheel found)'}, "
+            f"cuFFTDx headers: {mathdx_root or 'none (no nvidia-mathdx wheel found: no Level 2)'}"
         )
         try:
             subprocess.run(configure, check=True)

@@ -8,9 +8,11 @@ Variants:
 - ``triton``, ``triton_ahy``: the fused kernels (GPU only; the CPU interpreter is for tests);
 - ``cuda_l1``, ``cuda_l1_ahy``: the compiled Level-1 step, cuFFT with LTO callbacks (csrc/dc_step.cu; GPU only),
   y given (2-D transforms) or A^H y given (1-D transforms along the mask's axis);
+- ``cuda_l2``, ``cuda_l2_ahy``: the compiled Level-2 step, cuFFTDx row/column passes with everything else fused
+  (csrc/dc_fftdx.cu; GPU only; both sizes here have Level-2 lengths): y given (three passes), A^H y given (one);
 - ``copy``: a device-to-device copy of as many bytes as the y-given step must move at least: the bandwidth
   reference the ``floor_gbps`` of every row compares with.
-(Level 2, cuFFTDx with fused row/column passes, is not implemented yet: no row for it.)
+The cuda rows force their level (``MBDL_FAST_CUDA_LEVEL``): the backend's auto choice would take Level 2 here.
 
 Every row records ``floor_bytes`` (what its step must read and write at least: x, S, y or A^H y, the mask, x')
 and, after the run, ``floor_gbps`` = floor_bytes / median time.
@@ -21,7 +23,7 @@ import torch
 from conftest import device_name, sync
 
 import mbdl_fast
-from mbdl_fast.backends import backends
+from mbdl_fast.backends import CUDA_LEVEL_ENV, backends
 from mbdl_fast.physics import MultiCoilMRI
 from mbdl_fast.physics.masks import random_mask
 
@@ -35,6 +37,8 @@ VARIANTS = [
     "triton_ahy",
     "cuda_l1",
     "cuda_l1_ahy",
+    "cuda_l2",
+    "cuda_l2_ahy",
     "copy",
 ]
 
@@ -81,8 +85,10 @@ def record_floor_gbps(benchmark, floor: int) -> None:
 
 @pytest.mark.parametrize("size_name", list(SIZES))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_dc_step(benchmark, variant, size_name, bench_device):
+def test_dc_step(benchmark, variant, size_name, bench_device, monkeypatch):
     size = SIZES[size_name]
+    if variant.startswith("cuda_l"):
+        monkeypatch.setenv(CUDA_LEVEL_ENV, variant[len("cuda_l")])
     phys, x, y = make_problem(size, bench_device)
     floor = floor_bytes(phys, x, with_y=not variant.endswith("_ahy"))
     if variant == "copy":
@@ -144,5 +150,13 @@ def test_dc_step(benchmark, variant, size_name, bench_device):
             "floor_bytes": floor,
         }
     )
+    if variant.startswith("cuda_l"):  # which level ran, checked: a silent fallback would mislabel the row
+        from mbdl_fast._extension import cuda_dc_level
+
+        b, c, h, w = size
+        dims = phys.transform_dims(h, w) if variant.endswith("_ahy") else (-2, -1)
+        level, why = cuda_dc_level(b, c, h, w, -2 in dims, -1 in dims, bench_device)
+        assert level == int(variant[len("cuda_l")]), why
+        benchmark.extra_info["cuda_level"] = level
     benchmark.pedantic(timed, rounds=5 if bench_device.type == "cpu" else 50, warmup_rounds=1)
     record_floor_gbps(benchmark, floor)

@@ -70,14 +70,7 @@ DcGeometry dc_geometry(int64_t B, int64_t C, int64_t H, int64_t W, bool transfor
     return g;
 }
 
-DcGeometry check_dc_args(const DcArgs& a, int64_t workspace_needed) {
-    const DcGeometry g = dc_geometry(a.B, a.C, a.H, a.W, a.transform_h, a.transform_w);
-    require_pointer("x", a.x);
-    require_pointer("mask", a.mask);
-    require_pointer("gamma", a.gamma);
-    require_pointer("out", a.out);
-    require_pointer("z", a.z);
-    require_pointer("v", a.v);
+void check_dc_inputs(const DcArgs& a) {
     const int64_t plane = a.C * a.H * a.W;
     if (a.coil == 0 && a.C != 1) {
         fail("coil_maps", "a (B, C, H, W) pointer for C = " + std::to_string(a.C), "none (one coil)");
@@ -95,6 +88,17 @@ DcGeometry check_dc_args(const DcArgs& a, int64_t workspace_needed) {
     for (int i = 0; i < 3; ++i) {
         if (strides[i] < 0) fail(stride_names[i], "a stride >= 0 (0 on a broadcast axis)", std::to_string(strides[i]));
     }
+}
+
+DcGeometry check_dc_args(const DcArgs& a, int64_t workspace_needed) {
+    const DcGeometry g = dc_geometry(a.B, a.C, a.H, a.W, a.transform_h, a.transform_w);
+    require_pointer("x", a.x);
+    require_pointer("mask", a.mask);
+    require_pointer("gamma", a.gamma);
+    require_pointer("out", a.out);
+    require_pointer("z", a.z);
+    require_pointer("v", a.v);
+    check_dc_inputs(a);
     // The mask must be constant along an untransformed axis (F^H M^2 F is then diagonal there); the caller
     // (mbdl_fast.physics, transform_dims) decides that from the values, which this function does not see.
     if (g.separate_v && a.v == a.z) {

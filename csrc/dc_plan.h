@@ -42,6 +42,10 @@ struct DcArgs {
     bool transform_h = true, transform_w = true;
 };
 
+// The checks both levels make (std::invalid_argument naming the argument): coil maps and their batch stride, y
+// only with a 2-D transform, not both y and A^H y, mask strides >= 0.
+void check_dc_inputs(const DcArgs& a);
+
 // Checks every argument (std::invalid_argument "name: expected ..., got ...") and returns the geometry.
 // `workspace_needed` is what the plans need (checked against workspace_bytes), or -1 to skip that check.
 DcGeometry check_dc_args(const DcArgs& a, int64_t workspace_needed);

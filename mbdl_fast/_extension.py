@@ -3,14 +3,17 @@
 The extension takes raw device pointers and sizes; the wrappers here check the tensors, derive the strides and
 launch on torch's current stream. Each op has a plain-PyTorch reference beside it that states the maths.
 
-The ``cuda`` backend of the MRI DC step is the extension's Level-1 step (:func:`mri_dc_step_cuda`): cuFFT with
-LTO callbacks (csrc/dc_step.cu, csrc/dc_callbacks.cu). cuFFT is opened at run time: the libcufft torch already
+The ``cuda`` backend of the MRI DC step (:func:`mri_dc_step_cuda`) has two levels. Level 1: cuFFT with LTO
+callbacks (csrc/dc_step.cu, csrc/dc_callbacks.cu), any size; cuFFT is opened at run time: the libcufft torch already
 loaded, else the nvidia-cufft wheel's, else the one found at build time (:func:`level1_status` says which, or why
-none).
+none). Level 2: cuFFTDx row/column passes with everything else fused (csrc/dc_fftdx.cu), for transformed axes of the
+lengths :func:`level2_sizes` lists; header-only, nothing to load (:func:`level2_status`). :func:`cuda_dc_level` says
+which level a step runs at and why (``MBDL_FAST_CUDA_LEVEL=auto|1|2``, mbdl_fast.backends.cuda_level).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import importlib.util
@@ -20,6 +23,7 @@ from types import ModuleType
 import torch
 
 from mbdl_fast._validate import describe
+from mbdl_fast.backends import CUDA_LEVEL_ENV, cuda_level
 
 NOT_BUILT = "mbdl_fast._C was not built (installed without a CUDA toolkit or with MBDL_FAST_CUDA=0)"
 REBUILD_HINT = "reinstall where nvcc is found, forcing the build: MBDL_FAST_CUDA=1 pip install --no-build-isolation ."
@@ -53,7 +57,8 @@ def cuda_extension_status() -> tuple[bool, str]:
         ok, level1 = level1_status()
         if not ok:
             return False, f"{ext.cuda_status()}; but the Level-1 DC step is unavailable: {level1}"
-        return True, f"{ext.cuda_status()}; Level 1: {level1}"
+        level2 = level2_status()[1]
+        return True, f"{ext.cuda_status()}; Level 1: {level1}; Level 2: {level2}"
     except Exception as exc:  # a status query must answer, whatever breaks underneath
         return False, f"checking mbdl_fast._C raised {type(exc).__name__}: {exc}"
 
@@ -89,6 +94,30 @@ def level1_status() -> tuple[bool, str]:
         return True, ext.cufft_load(cufft_library_candidates())
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"
+
+
+@functools.lru_cache(maxsize=1)
+def level2_status() -> tuple[bool, str]:
+    """(True, what was built) when the Level-2 DC step was compiled into ``mbdl_fast._C``, else (False, why not).
+    Never raises; whether a GPU runs it is :func:`cuda_dc_level`'s question (sm_80 or newer)."""
+    try:
+        ext, why = _load()
+        if ext is None:
+            return False, why
+        built = ext.built_with()
+        detail = built.get("level2_detail", "no reason recorded")
+        if not built.get("level2"):
+            return False, f"mbdl_fast._C was built without it ({detail})"
+        return True, f"{detail}; lengths {', '.join(map(str, built['level2_sizes']))}"
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def level2_sizes() -> tuple[int, ...]:
+    """The transform lengths the Level-2 DC step has kernels for (every transformed axis must have one); () when
+    the extension is not there."""
+    ext, _ = _load()
+    return tuple(ext.dc_level2_sizes()) if ext is not None else ()
 
 
 def _require_extension() -> ModuleType:
@@ -200,6 +229,91 @@ def _workspace_bytes(device: int, stream: int, B: int, C: int, H: int, W: int, t
     return _require_extension().dc_step_prepare(device, stream, B, C, H, W, th, tw, cb)
 
 
+@functools.lru_cache(maxsize=256)
+def _level2_plan(B: int, C: int, H: int, W: int, th: bool, tw: bool) -> dict:
+    return _require_extension().dc_level2_plan(B, C, H, W, th, tw, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _level2_workspace_bytes(device: int, B: int, C: int, H: int, W: int, th: bool, tw: bool) -> int:
+    """K's bytes for a 2-D step (its batch chunk sized to this device's L2), 0 for 1-D."""
+    return _require_extension().dc_level2_workspace_bytes(device, B, C, H, W, th, tw)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+_LEVELS_RUN: collections.Counter = collections.Counter()
+
+
+def cuda_dc_level_runs() -> dict[int, int]:
+    """How many cuda-backend DC steps ran at each level in this process (launched from Python; a CUDA-graph replay
+    launches without Python and is not counted)."""
+    return dict(_LEVELS_RUN)
+
+
+def cuda_dc_level(
+    B: int,
+    C: int,
+    H: int,
+    W: int,
+    transform_h: bool = True,
+    transform_w: bool = True,
+    device: int | torch.device | None = None,
+    level: str | int | None = None,
+    callbacks: bool = True,
+) -> tuple[int, str]:
+    """(1 or 2, why): the level the cuda backend's DC step runs at for these sizes (B, C, H, W, transformed axes).
+
+    ``level`` (else ``MBDL_FAST_CUDA_LEVEL``, else auto; mbdl_fast.backends.cuda_level): "1" always Level 1; "2"
+    always Level 2, a ValueError naming the Level-2 lengths when a transformed axis has none, a RuntimeError when
+    Level 2 was not built or the GPU predates sm_80; "auto" Level 2 wherever it can run, else Level 1 (also when
+    ``callbacks`` is False: that asks for Level 1's plain-cuFFT variant). ``device`` (a CUDA device) is needed
+    for the sm_80 check; without it only the sizes and the build are looked at.
+    """
+    requested = cuda_level(level)
+    source = f"level={level!r}" if level is not None else f"{CUDA_LEVEL_ENV}={requested}"
+    if requested == "1":
+        return 1, f"Level 1 asked for ({source})"
+    ext = _require_extension()
+    plan = _level2_plan(int(B), int(C), int(H), int(W), bool(transform_h), bool(transform_w))
+    built, built_why = level2_status()
+    index = None
+    if device is not None:
+        index = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+    capability = _capability(index) if index is not None else None
+    old_gpu = capability is not None and capability < (8, 0)
+    gpu = f"device {index} is sm_{capability[0]}{capability[1]}" if capability is not None else ""
+    if requested == "2":
+        if not plan["supported"]:
+            sizes = ", ".join(map(str, ext.dc_level2_sizes()))
+            axes = [(n, v) for n, v, t in (("H", H, transform_h), ("W", W, transform_w)) if t]
+            bad = [(n, v) for n, v in axes if v not in ext.dc_level2_sizes()]
+            if not bad:
+                raise ValueError(f"C: {plan['why_not']} ({source})")
+            raise ValueError(
+                f"{', '.join(n for n, _ in bad)}: expected a Level-2 length ({sizes}) on every transformed axis "
+                f"for {source}, got {', '.join(f'{n} = {v}' for n, v in bad)}; use level 1 or auto for these sizes"
+            )
+        if not built:
+            raise RuntimeError(f"{source}: the Level-2 DC step is unavailable: {built_why}")
+        if old_gpu:
+            raise RuntimeError(f"{source}: the Level-2 DC step needs sm_80 or newer; {gpu}")
+        return 2, f"Level 2 asked for ({source})"
+    if not callbacks:
+        return 1, "Level 1's plain-cuFFT variant asked for (callbacks=False)"
+    if not built:
+        return 1, f"Level 2 unavailable: {built_why}"
+    if not plan["supported"]:
+        return 1, plan["why_not"]
+    if old_gpu:
+        return 1, f"Level 2 needs sm_80 or newer; {gpu}"
+    return 2, "every transformed axis has a Level-2 length"
+
+
 def _contiguous(t: object, dtype: torch.dtype, shape_ok, expected: str, name: str) -> torch.Tensor:
     if not (isinstance(t, torch.Tensor) and t.dtype == dtype and shape_ok(t) and t.is_contiguous()):
         raise _expected(name, expected, t)
@@ -216,8 +330,10 @@ def mri_dc_step_cuda(
     transform_h: bool = True,
     transform_w: bool = True,
     callbacks: bool = True,
+    level: str | int | None = None,
 ) -> torch.Tensor:
-    """x - gamma (A^H A x - A^H y), A = M F_c S, by the extension's Level-1 step (no autograd: see mbdl_fast.dc).
+    """x - gamma (A^H A x - A^H y), A = M F_c S, by the extension's Level-1 or Level-2 step (no autograd: see
+    mbdl_fast.dc); which one, :func:`cuda_dc_level` decides from ``level`` (else ``MBDL_FAST_CUDA_LEVEL``, else auto).
 
     x: contiguous complex64 (B, H, W) on cuda; coil_maps: None (one coil) or contiguous complex64 (B|1, C, H, W);
     mask: float32 (B|1, 1, H|1, W|1), any strides, constant along an axis that is not transformed; y: None or
@@ -225,7 +341,8 @@ def mri_dc_step_cuda(
     (B, H, W) (A^H y, precomputed); gamma: contiguous float32 (B,). With neither y nor ahy, A^H y = 0.
     Runs on torch's current stream. The maths, step by step: csrc/dc_common.h. callbacks=False (for tests and
     comparisons) runs the callbacks' maths as separate kernels around plain cuFFT plans, as the step does by itself
-    where cuFFT cannot make callback plans (``mbdl_fast._C.dc_step_plans()`` says which and why).
+    where cuFFT cannot make callback plans (``mbdl_fast._C.dc_step_plans()`` says which and why); it is a Level-1
+    option, so auto picks Level 1 with it. Level 2's passes and the bytes they move: csrc/dc_level2.h.
     """
     x = _contiguous(x, torch.complex64, lambda t: t.dim() == 3, "contiguous complex64 (B, H, W) on cuda", "x")
     B, H, W = x.shape
@@ -267,6 +384,8 @@ def mri_dc_step_cuda(
     gamma = _contiguous(gamma, torch.float32, lambda t: tuple(t.shape) == (B,), f"contiguous float32 ({B},)", "gamma")
     if not (transform_h or transform_w):
         raise ValueError("transform_h, transform_w: expected at least one transformed axis, got neither")
+    if cuda_level(level) == "2":  # sizes without a Level-2 path: a ValueError here too, before any device check
+        cuda_dc_level(B, C, H, W, transform_h, transform_w, None, level, callbacks)
     # Devices last, so that the checks above also run (and are tested) on CPU tensors.
     if not x.is_cuda:
         raise _expected("x", "contiguous complex64 (B, H, W) on cuda", x)
@@ -274,12 +393,45 @@ def mri_dc_step_cuda(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (like x), got {describe(t)}")
     ext = _require_extension()
+    sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    chosen, _ = cuda_dc_level(B, C, H, W, transform_h, transform_w, device, level, callbacks)
+    if chosen == 2:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            work = _level2_workspace_bytes(device, B, C, H, W, bool(transform_h), bool(transform_w))
+            workspace = torch.empty(work, dtype=torch.uint8, device=x.device) if work else None
+            out = torch.empty_like(x)
+            ext.dc_step_level2(
+                device=device,
+                stream=stream,
+                x=x.data_ptr(),
+                coil=0 if coil_maps is None else coil_maps.data_ptr(),
+                coil_batch_stride=0 if coil_maps is None or coil_maps.shape[0] == 1 else C * H * W,
+                mask=mask.data_ptr(),
+                mask_sb=sb,
+                mask_sh=sh,
+                mask_sw=sw,
+                y=0 if y is None else y.data_ptr(),
+                ahy=0 if ahy is None else ahy.data_ptr(),
+                gamma=gamma.data_ptr(),
+                out=out.data_ptr(),
+                workspace=0 if workspace is None else workspace.data_ptr(),
+                workspace_bytes=work,
+                B=B,
+                C=C,
+                H=H,
+                W=W,
+                transform_h=bool(transform_h),
+                transform_w=bool(transform_w),
+            )
+        _LEVELS_RUN[2] += 1
+        return out
+
     ok, why = level1_status()
     if not ok:
         raise RuntimeError(f"the cuda backend's DC step is unavailable: {why}")
-
-    sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    _LEVELS_RUN[1] += 1
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         geometry = _geometry(B, C, H, W, bool(transform_h), bool(transform_w))
@@ -315,3 +467,105 @@ def mri_dc_step_cuda(
             callbacks=bool(callbacks),
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-coil MRI prox (csrc/kspace_prox.cu): F_c^H [(F_c z + g M y) / (1 + g M²)], one k-space pass between FFTs.
+# ------------------------------------------------------------------------------------------------
+def _prox_phase(n: int, device: torch.device) -> torch.Tensor:
+    """e^{-2 pi i k (n // 2) / n} for k in [0, n), complex128; (-1)^k when n is even."""
+    r = (torch.arange(n, dtype=torch.int64, device=device) * (n // 2)) % n
+    return torch.polar(torch.ones(n, dtype=torch.float64, device=device), -2 * torch.pi * r.to(torch.float64) / n)
+
+
+def kspace_prox_update_ref(
+    z_k: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor
+) -> torch.Tensor:
+    """Reference of the fused k-space prox step, out of place, on Z = F(z) (B, H, W) unnormalised:
+
+        out[b, h, w] = (Z / N + g m' phi y' / sqrt(N)) / (1 + g m'^2),   N = H W,
+
+    m', y' read at ((h + H // 2) mod H, (w + W // 2) mod W), phi = e^{-2 pi i (h (H//2) / H + w (W//2) / W)}.
+
+    Why: per axis F o ifftshift = diag(e^{+2 pi i k a/N}) F and fftshift o F^{-1} = F^{-1} diag(e^{-2 pi i k a/N}),
+    a = N // 2, so F_c^H [(F_c z + g M y) / (1 + g M^2)] = F^{-1}(out) with F^{-1} unnormalised: the phases cancel on
+    the z term, z goes straight into the forward FFT and the inverse FFT writes x. mask: (B|1, 1, H|1, W|1) real;
+    y: (B, 1, H, W) or None; gamma: (B,).
+    """
+    b, h, w = z_k.shape
+    m = mask.to(z_k.real.dtype).expand(b, 1, h, w)[:, 0]
+    m = torch.roll(m, shifts=(-(h // 2), -(w // 2)), dims=(-2, -1))
+    g = gamma.to(z_k.real.dtype).view(-1, 1, 1)
+    num = z_k / (h * w)
+    if y is not None:
+        phase = _prox_phase(h, z_k.device)[:, None] * _prox_phase(w, z_k.device)[None, :]
+        y_rolled = torch.roll(y[:, 0], shifts=(-(h // 2), -(w // 2)), dims=(-2, -1))
+        num = num + g * m * phase.to(z_k.dtype) * y_rolled / (h * w) ** 0.5
+    return num / (1 + g * m * m)
+
+
+def kspace_prox_update_cuda(z_k: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor) -> None:
+    """In place on z_k, with the CUDA kernel: the prox's k-space step (maths in :func:`kspace_prox_update_ref`).
+
+    z_k: contiguous complex64 (B, H, W) on cuda (the unnormalised FFT of z); mask: float32 (B|1, 1, H|1, W|1), any
+    strides; y: None or contiguous complex64 (B, 1, H, W); gamma: contiguous float32 (B,). Runs on the current
+    stream; no autograd (see mbdl_fast.prox).
+    """
+    z_expected = "contiguous complex64 (B, H, W) on cuda"
+    z_k = _contiguous(z_k, torch.complex64, lambda t: t.dim() == 3, z_expected, "z_k")
+    B, H, W = z_k.shape
+    mask_expected = f"float32 (B or 1, 1, H or 1, W or 1) with B, H, W = {B}, {H}, {W}"
+    if not (
+        isinstance(mask, torch.Tensor)
+        and mask.dtype == torch.float32
+        and mask.dim() == 4
+        and mask.shape[0] in (1, B)
+        and mask.shape[1] == 1
+        and mask.shape[2] in (1, H)
+        and mask.shape[3] in (1, W)
+    ):
+        raise _expected("mask", mask_expected, mask)
+    if y is not None:
+        y = _contiguous(
+            y,
+            torch.complex64,
+            lambda t: tuple(t.shape) == (B, 1, H, W),
+            f"None or contiguous complex64 {(B, 1, H, W)}",
+            "y",
+        )
+    gamma = _contiguous(gamma, torch.float32, lambda t: tuple(t.shape) == (B,), f"contiguous float32 ({B},)", "gamma")
+    # Devices last, so that the checks above also run (and are tested) on CPU tensors.
+    if not z_k.is_cuda:
+        raise _expected("z_k", z_expected, z_k)
+    for name, t in (("mask", mask), ("y", y), ("gamma", gamma)):
+        if t is not None and t.device != z_k.device:
+            raise ValueError(f"{name}: expected a tensor on {z_k.device} (like z_k), got {describe(t)}")
+    ext = _require_extension()
+    sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
+    with torch.cuda.device(z_k.device):
+        ext.kspace_prox_update(
+            z_k.data_ptr(),
+            mask.data_ptr(),
+            0 if y is None else y.data_ptr(),
+            gamma.data_ptr(),
+            B,
+            H,
+            W,
+            sb,
+            sh,
+            sw,
+            1.0 / (H * W),
+            1.0 / (H * W) ** 0.5,
+            torch.cuda.current_stream(z_k.device).cuda_stream,
+        )
+
+
+def mri_prox_l2_cuda(z: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor) -> torch.Tensor:
+    """Single-coil prox F_c^H [(F_c z + g M y) / (1 + g M^2)]: cuFFT (torch.fft), the fused k-space kernel in place,
+    inverse cuFFT. z: contiguous complex64 (B, H, W) on cuda; mask, y, gamma as :func:`kspace_prox_update_cuda`."""
+    z = _contiguous(z, torch.complex64, lambda t: t.dim() == 3, "contiguous complex64 (B, H, W) on cuda", "z")
+    if not z.is_cuda:
+        raise _expected("z", "contiguous complex64 (B, H, W) on cuda", z)
+    z_k = torch.fft.fft2(z, norm="backward").contiguous()
+    kspace_prox_update_cuda(z_k, mask, y, gamma)
+    return torch.fft.ifft2(z_k, norm="forward")

@@ -4,7 +4,9 @@ Backends:
 - ``torch``: plain PyTorch, the readable reference; always available, any device.
 - ``triton``: fused Triton kernels (``mbdl_fast.kernels``); CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` (the interpreter, for tests only: slow).
-- ``cuda``: the compiled extension ``mbdl_fast._C`` (``csrc/``); CUDA tensors.
+- ``cuda``: the compiled extension ``mbdl_fast._C`` (``csrc/``); CUDA tensors. Its MRI DC step has two levels:
+  Level 1 (cuFFT with LTO callbacks, any size) and Level 2 (cuFFTDx row/column passes with everything fused, the
+  shipped lengths only); :func:`cuda_level` says which is asked for (``MBDL_FAST_CUDA_LEVEL=auto|1|2``).
 
 ``auto`` picks, for the tensor's device, the fastest available backend that the operator supports.
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+CUDA_LEVELS = ("auto", "1", "2")
+CUDA_LEVEL_ENV = "MBDL_FAST_CUDA_LEVEL"
 # Fastest first, per device type, as the benchmarks in bench/ measure it.
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 
@@ -108,3 +112,19 @@ def resolve_backend(requested: str, device: torch.device, supported: tuple[str, 
     if not status.available:
         raise RuntimeError(f"backend: {requested!r} is unavailable on {device}: {status.reason}")
     return requested
+
+
+def cuda_level(requested: str | int | None = None) -> str:
+    """The level of the ``cuda`` backend's MRI DC step asked for: ``"auto"``, ``"1"`` or ``"2"``.
+
+    ``requested`` (a keyword of the internal call) wins; else the environment variable ``MBDL_FAST_CUDA_LEVEL``;
+    else ``"auto"``: Level 2 (cuFFTDx) where every transformed axis has a Level-2 length and the GPU is sm_80 or
+    newer, Level 1 (cuFFT with LTO callbacks) elsewhere. ``"2"`` on sizes without a Level-2 path is a ValueError
+    (mbdl_fast._extension.cuda_dc_level), never a silent fallback.
+    """
+    source = "level" if requested is not None else CUDA_LEVEL_ENV
+    value = requested if requested is not None else os.environ.get(CUDA_LEVEL_ENV, "auto")
+    text = str(value).strip().lower()
+    if text not in CUDA_LEVELS:
+        raise ValueError(f"{source}: expected one of {', '.join(CUDA_LEVELS)}, got {value!r}")
+    return text

@@ -131,10 +131,13 @@ mri_dc_step_op.register_autograd(_dc_backward, setup_context=_dc_setup)
 
 
 def _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w):
-    """The ``cuda`` backend: the compiled Level-1 step (``csrc/dc_step.cu``), any size. cuFFT with LTO callbacks
-    does the coil expansion and the centring shifts in the forward transform's loads, mask-residual-mask in its
-    stores, conj(S) in the inverse's stores; one kernel sums the coils and takes the gradient step. With A^H y
-    given and a one-axis mask, only that axis is transformed."""
+    """The ``cuda`` backend. Level 2 (``csrc/dc_fftdx.cu``) where every transformed axis has a Level-2 length
+    (256, 320, 368) and the GPU is sm_80+: cuFFTDx row and column passes with the coil expansion, shift signs,
+    mask-residual-mask, conj(S), coil sum and gradient step fused into them. Level 1 (``csrc/dc_step.cu``) at any
+    other size: cuFFT with LTO callbacks does the coil expansion and the centring shifts in the forward transform's
+    loads, mask-residual-mask in its stores, conj(S) in the inverse's stores; one kernel sums the coils and takes the
+    gradient step. ``MBDL_FAST_CUDA_LEVEL=1|2|auto`` forces one (mbdl_fast.backends.cuda_level). With A^H y given
+    and a one-axis mask, only that axis is transformed (Level 2: one fused pass)."""
     from mbdl_fast._extension import mri_dc_step_cuda
 
     return mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w)

@@ -1,11 +1,13 @@
-"""The ``cuda`` backend of the MRI DC step: the extension's Level-1 step (cuFFT with LTO callbacks, csrc/dc_step.cu).
+"""The ``cuda`` backend of the MRI DC step: Level 1 (cuFFT with LTO callbacks, csrc/dc_step.cu) and Level 2 (cuFFTDx
+row/column passes, csrc/dc_fftdx.cu).
 
-Everywhere: the extension imports and says why it cannot run here; the Level-1 step was built where cuFFT headers
-were available; every argument error names the argument. On a GPU (tests marked ``needs a CUDA device``): the step
-against the plain-PyTorch reference on fresh random data, outputs poisoned first, at the shipped sizes (256, 320,
-368 x 640) and odd ones, batch 1..8, coils 1..20, y given, A^H y given (one-axis transform) or neither; forward
-and backward through ``mbdl_fast.dc_step(..., backend="cuda")``; plans cached per stream; CUDA graphs and
-torch.compile around the op.
+Everywhere: the extension imports and says why it cannot run here; each level was built where its headers were
+available (cuFFT; cuFFTDx from nvidia-mathdx); the Level-2 lengths, plans and level choice; forcing Level 2 on sizes
+without a path is a ValueError naming the lengths; every argument error names the argument. On a GPU (tests marked
+``needs a CUDA device``): each level against the plain-PyTorch reference on fresh random data, outputs poisoned
+first — Level 1 at the common sizes (256, 320, 368 x 640) and odd ones, Level 2 at every shipped length (256, 320,
+368) — batch 1..8, coils 1..20, y given, A^H y given (one-axis transform) or neither; forward and backward through
+``mbdl_fast.dc_step(..., backend="cuda")``; plans cached per stream; CUDA graphs and torch.compile around the op.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from conftest import load_extension, rel_err
 
 import mbdl_fast
 from mbdl_fast import _extension
-from mbdl_fast._extension import cuda_extension_status, level1_status, mri_dc_step_cuda
-from mbdl_fast.backends import backends
+from mbdl_fast._extension import (
+    cuda_dc_level,
+    cuda_dc_level_runs,
+    cuda_extension_status,
+    level1_status,
+    level2_sizes,
+    level2_status,
+    mri_dc_step_cuda,
+)
+from mbdl_fast.backends import CUDA_LEVEL_ENV, backends, cuda_level
 from mbdl_fast.physics.masks import random_mask, variable_density_mask
 from mbdl_fast.physics.mri import MultiCoilMRI
 
@@ -42,7 +52,112 @@ def test_level1_built_where_cufft_headers_were_found():
         assert detail.startswith("not built: ")
         # The nvidia-cufft wheel importable here is what setup.py builds Level 1 with.
         assert not _extension.cufft_library_candidates(), f"nvidia-cufft is installed, yet Level 1 was {detail}"
-    assert built["level2"].startswith("not built")
+
+
+def _mathdx_wheel_installed() -> bool:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("nvidia")
+    locations = (spec.submodule_search_locations or []) if spec is not None else []
+    return any((Path(p) / "mathdx" / "include" / "cufftdx.hpp").is_file() for p in locations)
+
+
+def test_level2_built_where_cufftdx_headers_were_found():
+    ext = load_extension()
+    built = ext.built_with()
+    detail = built["level2_detail"]
+    assert built["level2_sizes"] == [256, 320, 368]
+    ok, why = level2_status()
+    assert ok == built["level2"]
+    if built["level2"]:
+        assert detail.startswith("built: cuFFTDx ")
+        assert built["level2_archs"] and all(a.split("-")[0].isdigit() for a in built["level2_archs"].split(","))
+        assert why.endswith("lengths 256, 320, 368")
+    else:
+        assert detail.startswith("not built: ")
+        # The nvidia-mathdx wheel importable here is what setup.py builds Level 2 with.
+        assert not _mathdx_wheel_installed(), f"nvidia-mathdx is installed, yet Level 2 was {detail}"
+
+
+def test_level2_sizes_and_plans():
+    ext = load_extension()
+    assert ext.dc_level2_sizes() == [256, 320, 368] and level2_sizes() == (256, 320, 368)
+    plan = ext.dc_level2_plan(8, 15, 320, 320, True, True, 0, 50 << 20)  # 2-D on an H100's 50 MB of L2
+    assert plan["supported"] and plan["batch_chunk"] == 1 and plan["workspace_bytes"] == 15 * 320 * 320 * 8
+    kernels = [launch["kernel"] for launch in plan["launches"]]
+    assert kernels == ["forward_rows", "residual_columns", "adjoint_rows"] * 8
+    first = plan["launches"][0]
+    assert (first["n"], first["grid"], first["block"], first["shared_bytes"]) == (320, (40, 15, 1), (8, 8, 1), 20480)
+    plan = ext.dc_level2_plan(4, 20, 640, 368, False, True)  # fastMRI knee, A^H y, column mask: one fused pass
+    assert plan["supported"] and plan["workspace_bytes"] == 0
+    assert [(x["kernel"], x["n"], x["grid"]) for x in plan["launches"]] == [("fused_rows", 368, (80, 4, 1))]
+    plan = ext.dc_level2_plan(1, 1, 640, 368, True, True)
+    assert not plan["supported"] and plan["why_not"].startswith("H = 640 is not a Level-2 length")
+    assert "256, 320, 368" in plan["why_not"]
+
+
+def test_cuda_level_switch(monkeypatch):
+    monkeypatch.delenv(CUDA_LEVEL_ENV, raising=False)
+    assert cuda_level() == "auto" and cuda_level(2) == "2" and cuda_level(" 1 ") == "1"
+    monkeypatch.setenv(CUDA_LEVEL_ENV, "2")
+    assert cuda_level() == "2" and cuda_level("auto") == "auto"
+    monkeypatch.setenv(CUDA_LEVEL_ENV, "3")
+    with pytest.raises(ValueError, match=r"^MBDL_FAST_CUDA_LEVEL: expected one of auto, 1, 2, got '3'"):
+        cuda_level()
+    with pytest.raises(ValueError, match=r"^level: expected one of auto, 1, 2, got 'fast'"):
+        cuda_level("fast")
+
+
+def test_cuda_dc_level_choice(monkeypatch):
+    load_extension()
+    monkeypatch.delenv(CUDA_LEVEL_ENV, raising=False)
+    built = level2_status()[0]
+    assert cuda_dc_level(8, 15, 320, 320)[0] == (2 if built else 1)
+    assert cuda_dc_level(2, 4, 368, 640, False, True)[0] == 1  # W = 640 transformed: no Level-2 length
+    assert cuda_dc_level(2, 4, 640, 368, False, True)[0] == (2 if built else 1)  # H = 640 not transformed
+    assert cuda_dc_level(8, 15, 320, 320, level=1) == (1, "Level 1 asked for (level=1)")
+    assert cuda_dc_level(8, 15, 320, 320, callbacks=False)[0] == 1
+    level, why = cuda_dc_level(1, 1, 255, 257)
+    assert level == 1 and ("H = 255 and W = 257 are not" in why or not built)
+    monkeypatch.setenv(CUDA_LEVEL_ENV, "1")
+    assert cuda_dc_level(8, 15, 320, 320)[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "axes", "message"),
+    [
+        (
+            (8, 6),
+            (True, True),
+            r"H, W: expected a Level-2 length \(256, 320, 368\) on every transformed axis for level=2, "
+            r"got H = 8, W = 6; use level 1 or auto",
+        ),
+        ((640, 368), (True, True), r"H: expected a Level-2 length \(256, 320, 368\) .* got H = 640;"),
+        ((368, 640), (False, True), r"W: expected a Level-2 length \(256, 320, 368\) .* got W = 640;"),
+    ],
+)
+def test_forcing_level2_on_unsupported_sizes_raises(size, axes, message):
+    load_extension()
+    h, w = size
+    x, maps, mask, y, gamma = _cpu_inputs(h=h, w=w)
+    y = y if all(axes) else None
+    with pytest.raises(ValueError, match=f"^{message}"):
+        mri_dc_step_cuda(x, maps, mask, y, None, gamma, *axes, level=2)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        cuda_dc_level(2, 3, h, w, *axes, level=2)
+
+
+def test_forcing_level2_by_environment(monkeypatch):
+    load_extension()
+    monkeypatch.setenv(CUDA_LEVEL_ENV, "2")
+    x, maps, mask, y, gamma = _cpu_inputs(h=8, w=6)
+    with pytest.raises(ValueError, match=r"^H, W: expected a Level-2 length .* for MBDL_FAST_CUDA_LEVEL=2, got"):
+        mri_dc_step_cuda(x, maps, mask, y, None, gamma)
+    # Sizes with a Level-2 path pass that check and reach the device check (CPU tensors here).
+    x, maps, mask, y, gamma = _cpu_inputs(h=5, w=256)
+    with pytest.raises(ValueError, match=r"^x: expected contiguous complex64 \(B, H, W\) on cuda"):
+        mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
 
 
 def test_status_says_why_cuda_cannot_run_here():
@@ -134,6 +249,53 @@ def test_raw_dc_step_without_device_raises_naming_the_call():
         pytest.skip(f"cuFFT cannot be loaded here: {why}")
     with pytest.raises(RuntimeError, match=r"^cudaSetDevice\(0\) failed: cudaError"):
         ext.dc_step(**_raw_args())
+
+
+def _raw_level2_args(**changes):
+    args = dict(device=0, stream=0, x=16, coil=32, coil_batch_stride=3 * 256 * 320, mask=48, mask_sb=0, mask_sh=0)
+    args.update(mask_sw=1, y=64, ahy=0, gamma=80, out=96, workspace=112, workspace_bytes=3 * 256 * 320 * 8)
+    args.update(B=2, C=3, H=256, W=320, transform_h=True, transform_w=True)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"device": -1}, "device"),
+        ({"x": 0}, "x"),
+        ({"mask": 0}, "mask"),
+        ({"gamma": 0}, "gamma"),
+        ({"out": 0}, "out"),
+        ({"coil": 0}, "coil_maps"),
+        ({"coil_batch_stride": 5}, "coil_batch_stride"),
+        ({"B": 0}, "B"),
+        ({"transform_h": False}, "y"),
+        ({"ahy": 128}, "y, ahy"),
+        ({"mask_sh": -1}, "mask_sh"),
+        ({"workspace_bytes": 8}, "workspace_bytes"),
+        ({"workspace": 0}, "workspace"),
+        ({"H": 255, "coil_batch_stride": 0}, "H"),
+        ({"W": 640, "coil_batch_stride": 0}, "W"),
+        ({"H": 8, "W": 6, "coil_batch_stride": 0}, "H, W"),
+    ],
+)
+def test_raw_level2_step_names_bad_arguments(changes, name):
+    ext = load_extension()
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        ext.dc_step_level2(**_raw_level2_args(**changes))
+
+
+def test_raw_level2_step_without_device_raises_naming_the_call():
+    ext = load_extension()
+    if ext.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present: a step on bogus pointers would poison its context")
+    if not ext.built_with()["level2"]:
+        with pytest.raises(RuntimeError, match="^the Level-2 DC step is not built: "):
+            ext.dc_step_level2(**_raw_level2_args())
+        return
+    with pytest.raises(RuntimeError, match=r"^cudaSetDevice\(0\) failed: cudaError"):
+        ext.dc_step_level2(**_raw_level2_args())
 
 
 def _cpu_inputs(b=2, c=3, h=8, w=6):
@@ -251,15 +413,88 @@ def test_level1_matches_reference(case, mode, callbacks):
         normal = phys.A_adjoint_A(x)
         want = x - gamma.view(-1, 1, 1) * (normal - (ahy if ahy is not None else 0))
     _poison_allocator(2 * b * (c or 1) * h * w)
-    got = mri_dc_step_cuda(x, coil_maps, phys.mask, y if mode == "y" else None, ahy, gamma, th, tw, callbacks)
+    got = mri_dc_step_cuda(x, coil_maps, phys.mask, y if mode == "y" else None, ahy, gamma, th, tw, callbacks, level=1)
     torch.cuda.synchronize()
     assert rel_err(got, want) < TOL
 
 
+# Level 2: every shipped length on each transformed axis; an untransformed axis (A^H y, one-axis mask) may have any.
+LEVEL2_CASES = [
+    # (B, C, H, W, mask)   C None: single coil (no maps)
+    (1, 1, 256, 256, "columns"),
+    (1, None, 256, 256, "2d"),
+    (8, 15, 320, 320, "columns"),
+    (4, 20, 320, 320, "per_sample"),
+    (3, 4, 368, 368, "rows"),
+    (2, 8, 256, 368, "columns"),
+    (5, 2, 368, 256, "rows"),
+    (6, 1, 320, 256, "2d"),
+    (8, 3, 368, 320, "per_sample"),
+    (7, 5, 640, 368, "columns"),  # fastMRI knee: only the A^H y / no-y steps (W-only) have a Level-2 path
+    (2, 3, 320, 77, "rows"),  # H-only, 77 columns: the last block of 8 lines is partly past the edge
+]
+
+
+def _level2_params():
+    for case in LEVEL2_CASES:
+        for mode in ("y", "ahy", "none"):
+            if mode == "y" and not (case[2] in (256, 320, 368) and case[3] in (256, 320, 368)):
+                continue  # y needs the 2-D transform, and this size has no 2-D Level-2 path
+            yield pytest.param(case, mode, id=f"{_case_id(case)}-{mode}")
+
+
+@needs_gpu
+@pytest.mark.parametrize(("case", "mode"), list(_level2_params()))
+def test_level2_matches_reference(case, mode):
+    assert level2_status()[0], level2_status()[1]
+    b, c, h, w, mask_kind = case
+    phys, x, y, gamma = _problem(b, c, h, w, mask_kind, seed=b * 977 + h * 3 + w)
+    th, tw = (True, True) if mode == "y" else (-2 in phys.transform_dims(h, w), -1 in phys.transform_dims(h, w))
+    ahy = phys.A_adjoint(y) if mode == "ahy" else None
+    if mode == "y":
+        want = phys.dc_step_reference(x, y, gamma)
+    else:
+        want = x - gamma.view(-1, 1, 1) * (phys.A_adjoint_A(x) - (ahy if ahy is not None else 0))
+    assert cuda_dc_level(b, c or 1, h, w, th, tw, x.device, level="auto")[0] == 2
+    before = cuda_dc_level_runs().get(2, 0)
+    _poison_allocator(2 * b * (c or 1) * h * w)
+    got = mri_dc_step_cuda(x, phys.coil_maps, phys.mask, y if mode == "y" else None, ahy, gamma, th, tw, level=2)
+    torch.cuda.synchronize()
+    assert cuda_dc_level_runs().get(2, 0) == before + 1
+    assert rel_err(got, want) < TOL
+
+
+@needs_gpu
+@pytest.mark.parametrize("use_ahy", [False, True])
+def test_level2_shared_coil_maps(use_ahy):
+    phys, x, y, gamma = _problem(4, 6, 368, 320, "columns", seed=8, shared_maps=True)
+    _poison_allocator(4 * 6 * 368 * 320 * 2)
+    ahy = phys.A_adjoint(y) if use_ahy else None
+    dims = phys.transform_dims(368, 320) if use_ahy else (-2, -1)  # A^H y, column mask: W only
+    got = mri_dc_step_cuda(
+        x, phys.coil_maps, phys.mask, None if use_ahy else y, ahy, gamma, -2 in dims, -1 in dims, level=2
+    )
+    want = phys.dc_step_reference(x, y, gamma)
+    assert rel_err(got, want) < TOL
+
+
+@needs_gpu
+def test_auto_picks_level2_at_shipped_sizes(monkeypatch):
+    monkeypatch.delenv(CUDA_LEVEL_ENV, raising=False)
+    for (h, w), level in (((320, 320), 2), ((255, 257), 1)):
+        phys, x, y, gamma = _problem(2, 3, h, w, "columns", seed=h + w)
+        before = cuda_dc_level_runs()
+        out = mbdl_fast.dc_step(phys, x, y, gamma, backend="cuda")
+        after = cuda_dc_level_runs()
+        assert after.get(level, 0) == before.get(level, 0) + 1, (h, w, before, after)
+        assert rel_err(out, phys.dc_step_reference(x, y, gamma)) < TOL
+
+
 @needs_gpu
 @pytest.mark.parametrize("size", [(256, 256), (320, 320), (368, 640), (640, 368)], ids=str)
-def test_shipped_sizes_run_with_callbacks(size):
+def test_shipped_sizes_run_with_callbacks(size, monkeypatch):
     """At the common sizes the plans must carry the LTO callbacks: a fallback there would be silently slow."""
+    monkeypatch.setenv(CUDA_LEVEL_ENV, "1")  # auto would take Level 2 at most of these sizes
     ext = load_extension()
     h, w = size
     phys, x, y, gamma = _problem(2, 3, h, w, "columns", seed=h + w)
@@ -275,7 +510,8 @@ def test_shipped_sizes_run_with_callbacks(size):
 
 
 @needs_gpu
-def test_level1_shared_coil_maps():
+def test_level1_shared_coil_maps(monkeypatch):
+    monkeypatch.setenv(CUDA_LEVEL_ENV, "1")
     phys, x, y, gamma = _problem(4, 6, 320, 320, "columns", seed=5, shared_maps=True)
     _poison_allocator(4 * 6 * 320 * 320 * 2)
     got = mbdl_fast.dc_step(phys, x, y, gamma, backend="cuda")
@@ -285,7 +521,9 @@ def test_level1_shared_coil_maps():
 @needs_gpu
 @pytest.mark.parametrize("case", [(1, 1, 256, 256), (8, 15, 320, 320), (3, 4, 255, 257), (2, 20, 368, 640)], ids=str)
 @pytest.mark.parametrize("use_ahy", [False, True])
-def test_dc_step_cuda_forward_and_backward(case, use_ahy):
+@pytest.mark.parametrize("level", ["1", "auto"])
+def test_dc_step_cuda_forward_and_backward(case, use_ahy, level, monkeypatch):
+    monkeypatch.setenv(CUDA_LEVEL_ENV, level)  # auto: Level 2 where the sizes have a path (the backward too)
     b, c, h, w = case
     phys, x0, y0, gamma0 = _problem(b, c, h, w, "columns", seed=h * w + b)
     results = {}
@@ -343,8 +581,9 @@ def test_threads_on_their_own_streams():
 
 
 @needs_gpu
-def test_cuda_graph_capture_and_replay():
-    phys, x, y, gamma = _problem(2, 4, 128, 128, "columns", seed=3)
+@pytest.mark.parametrize("size", [128, 256], ids=["level1", "level2"])
+def test_cuda_graph_capture_and_replay(size):
+    phys, x, y, gamma = _problem(2, 4, size, size, "columns", seed=3)
     static_x = x.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -7,6 +7,10 @@
 //    y or A^H y or neither, shared or per-sample coil maps, broadcast masks, 32- and 64-bit index paths.
 // 2. The geometry (size dispatch: layout, rolls, signs, scales, FFT shape), the argument checks (the error
 //    names the argument), the plan-cache key and the thread-safe plan cache.
+// 3. Level 2 (cuFFTDx row/column passes): the size dispatch, the launch geometry and batch chunks, the argument
+//    checks, and the whole step emulated from its plan: every launch's grid walked block by block, each line run
+//    through the very per-line bodies the kernels call (dc_level2.h) with a DFT in place of cuFFTDx, against the
+//    same reference, at the shipped lengths, outputs and workspace poisoned with NaN first.
 #include <atomic>
 #include <cmath>
 #include <complex>
@@ -19,6 +23,7 @@
 #include <vector>
 
 #include "dc_common.h"
+#include "dc_level2.h"
 #include "dc_plan.h"
 
 using mbdl_fast::DcArgs;
@@ -57,12 +62,14 @@ void dft_line(std::vector<cd>& v, bool inv, bool ortho) {
     const std::size_t n = v.size();
     std::vector<cd> out(n);
     const double sign = inv ? 1.0 : -1.0;
+    std::vector<cd> twiddle(n);  // e^{sign 2 pi i m / n}: n trig calls per line, not n^2 (Level 2's lengths are 368)
+    for (std::size_t m = 0; m < n; ++m) {
+        const double ang = sign * 2.0 * M_PI * static_cast<double>(m) / static_cast<double>(n);
+        twiddle[m] = cd(std::cos(ang), std::sin(ang));
+    }
     for (std::size_t k = 0; k < n; ++k) {
         cd acc = 0;
-        for (std::size_t j = 0; j < n; ++j) {
-            const double ang = sign * 2.0 * M_PI * static_cast<double>((k * j) % n) / static_cast<double>(n);
-            acc += v[j] * cd(std::cos(ang), std::sin(ang));
-        }
+        for (std::size_t j = 0; j < n; ++j) acc += v[j] * twiddle[(k * j) % n];
         out[k] = ortho ? acc / std::sqrt(static_cast<double>(n)) : acc;
     }
     v = out;
@@ -109,13 +116,16 @@ struct Problem {
     int y_mode;  // 0: y given, 1: A^H y given, 2: neither
     int mask_kind;  // 0: per-sample (B, H, W); 1: (1, W) broadcast; 2: (H, 1) broadcast; 3: shared (H, W)
     bool force_wide;
+    int level = 1;           // 1: the Level-1 step as cuFFT runs it; 2: the Level-2 plan's launches
+    int64_t batch_chunk = 0;  // Level 2, 2-D: batch elements per chunk (0: the whole batch)
 };
 
 std::string describe(const Problem& p) {
     char buf[256];
-    std::snprintf(buf, sizeof buf, "B=%d C=%d H=%d W=%d th=%d tw=%d coils=%d shared=%d y_mode=%d mask=%d wide=%d", p.B,
-                  p.C, p.H, p.W, p.transform_h, p.transform_w, p.coils, p.shared_coils, p.y_mode, p.mask_kind,
-                  p.force_wide);
+    std::snprintf(buf, sizeof buf,
+                  "level=%d B=%d C=%d H=%d W=%d th=%d tw=%d coils=%d shared=%d y_mode=%d mask=%d wide=%d chunk=%lld",
+                  p.level, p.B, p.C, p.H, p.W, p.transform_h, p.transform_w, p.coils, p.shared_coils, p.y_mode,
+                  p.mask_kind, p.force_wide, static_cast<long long>(p.batch_chunk));
     return buf;
 }
 
@@ -141,6 +151,65 @@ void plan_dft(std::vector<float2>& z, const DcGeometry& g, bool inv) {
         const int64_t H = g.n[0], W = g.n[1];
         lines(g.batch * H, W, 1, W, 1, 0);
         lines(g.batch, H, W, H * W, W, 1);
+    }
+}
+
+// ---- Level 2 on the CPU: the plan's launches, each line through dc_level2.h's bodies ---------------------------
+constexpr int kHostEpt = 512;  // one "thread" holds a whole line (lane 0, stride 1): at least the longest length
+
+// The unnormalised transform of the first `len` elements (cuFFTDx's job on the GPU), in double.
+struct HostFft {
+    int len;
+    bool inverse;
+    void operator()(float2* td) const {
+        std::vector<cd> line(len);
+        for (int i = 0; i < len; ++i) line[i] = c2(td[i]);
+        dft_line(line, inverse, false);
+        for (int i = 0; i < len; ++i) td[i] = f2(line[i]);
+    }
+};
+
+void emulate_level2(const mbdl_fast::Level2Plan& plan, const DcParams& p, float2* k) {
+    using namespace mbdl_fast;
+    std::vector<float2> td(kHostEpt), acc(kHostEpt);
+    for (const Level2Launch& l : plan.launches) {
+        const int per_block = static_cast<int>(l.block[1]);
+        const bool columns = l.kernel == L2_RESIDUAL_COLUMNS || l.kernel == L2_FUSED_COLUMNS;
+        HostFft fwd{columns ? p.H : p.W, false}, inv{columns ? p.H : p.W, true};
+        for (unsigned gz = 0; gz < l.grid[2]; ++gz) {
+            for (unsigned gy = 0; gy < l.grid[1]; ++gy) {
+                for (unsigned gx = 0; gx < l.grid[0]; ++gx) {
+                    for (int ty = 0; ty < per_block; ++ty) {
+                        const int32_t line = static_cast<int32_t>(gx * per_block + ty);
+                        const int32_t c = static_cast<int32_t>(gy);
+                        switch (l.kernel) {
+                            case L2_FORWARD_ROWS:
+                                dc2::forward_row<kHostEpt>(p, k, l.b0 + gz, l.b0, c, line, line < p.H, 0, 1,
+                                                           td.data(), fwd);
+                                break;
+                            case L2_RESIDUAL_COLUMNS:
+                                dc2::residual_column<kHostEpt>(p, k, l.b0 + gz, l.b0, c, line, line < p.W, 0, 1,
+                                                               td.data(), fwd, inv);
+                                break;
+                            case L2_ADJOINT_ROWS:
+                                dc2::adjoint_row<kHostEpt>(p, k, l.b0 + gy, l.b0, line, line < p.H, 0, 1, td.data(),
+                                                           acc.data(), inv);
+                                break;
+                            case L2_FUSED_ROWS:
+                                dc2::fused_line<kHostEpt, false>(p, l.b0 + gy, line, line < p.H, 0, 1, td.data(),
+                                                                 acc.data(), fwd, inv);
+                                break;
+                            case L2_FUSED_COLUMNS:
+                                dc2::fused_line<kHostEpt, true>(p, l.b0 + gy, line, line < p.W, 0, 1, td.data(),
+                                                                acc.data(), fwd, inv);
+                                break;
+                            default:
+                                throw std::runtime_error("unknown Level-2 kernel " + std::to_string(l.kernel));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -202,10 +271,7 @@ double run_problem(const Problem& pr, std::mt19937& rng) {
         }
     }
 
-    // ---- the Level-1 step as cuFFT runs it ----
-    const DcGeometry g = mbdl_fast::dc_geometry(B, C, H, W, pr.transform_h, pr.transform_w);
-    std::vector<float2> z(static_cast<std::size_t>(B) * C * hw, make_float2(NAN, NAN));
-    std::vector<float2> vbuf = g.separate_v ? std::vector<float2>(z.size(), make_float2(NAN, NAN)) : std::vector<float2>();
+    // ---- the step under test, on the same inputs, outputs and buffers poisoned ----
     std::vector<float2> out(B * hw, make_float2(NAN, NAN));
     DcArgs a;
     a.x = reinterpret_cast<std::uintptr_t>(x.data());
@@ -219,30 +285,47 @@ double run_problem(const Problem& pr, std::mt19937& rng) {
     a.ahy = pr.y_mode == 1 ? reinterpret_cast<std::uintptr_t>(ahy.data()) : 0;
     a.gamma = reinterpret_cast<std::uintptr_t>(gamma.data());
     a.out = reinterpret_cast<std::uintptr_t>(out.data());
-    a.z = reinterpret_cast<std::uintptr_t>(z.data());
-    a.v = g.separate_v ? reinterpret_cast<std::uintptr_t>(vbuf.data()) : a.z;
     a.B = B;
     a.C = C;
     a.H = H;
     a.W = W;
     a.transform_h = pr.transform_h;
     a.transform_w = pr.transform_w;
-    const DcGeometry checked = mbdl_fast::check_dc_args(a, 0);
-    DcParams p = mbdl_fast::make_dc_params(a, checked);
-    if (pr.force_wide) p.wide = 1;
+    if (pr.level == 2) {
+        // ---- the Level-2 plan's launches ----
+        const mbdl_fast::Level2Plan sized =
+            mbdl_fast::level2_plan(B, C, H, W, pr.transform_h, pr.transform_w, pr.batch_chunk);
+        std::vector<float2> k(static_cast<std::size_t>(sized.workspace_bytes / 8), make_float2(NAN, NAN));
+        a.workspace = k.empty() ? 0 : reinterpret_cast<std::uintptr_t>(k.data());
+        a.workspace_bytes = sized.workspace_bytes;
+        const mbdl_fast::Level2Plan plan = mbdl_fast::check_level2_args(a);  // its chunk comes from the workspace
+        if (plan.batch_chunk != sized.batch_chunk || plan.launches.size() != sized.launches.size()) return INFINITY;
+        emulate_level2(plan, mbdl_fast::make_dc_params(a, plan.geometry), k.data());
+    } else {
+        // ---- the Level-1 step as cuFFT runs it ----
+        const DcGeometry g = mbdl_fast::dc_geometry(B, C, H, W, pr.transform_h, pr.transform_w);
+        std::vector<float2> z(static_cast<std::size_t>(B) * C * hw, make_float2(NAN, NAN));
+        std::vector<float2> vbuf =
+            g.separate_v ? std::vector<float2>(z.size(), make_float2(NAN, NAN)) : std::vector<float2>();
+        a.z = reinterpret_cast<std::uintptr_t>(z.data());
+        a.v = g.separate_v ? reinterpret_cast<std::uintptr_t>(vbuf.data()) : a.z;
+        const DcGeometry checked = mbdl_fast::check_dc_args(a, 0);
+        DcParams p = mbdl_fast::make_dc_params(a, checked);
+        if (pr.force_wide) p.wide = 1;
 
-    const unsigned long long total = z.size();
-    std::vector<float2> loaded(total);
-    for (unsigned long long off = 0; off < total; ++off) loaded[off] = mbdl_fast::dc::load_expand(p, off);
-    z = loaded;  // cuFFT reads through the load callback; what was in z before is never read
-    if (!g.separate_v) p.v = z.data();  // V over Z, as the kernels do it
-    plan_dft(z, g, false);
-    for (unsigned long long off = 0; off < total; ++off) z[off] = mbdl_fast::dc::kspace_residual(p, off, z[off]);
-    plan_dft(z, g, true);
-    const std::vector<float2> u = z;  // the last pass's values, each stored once through the store callback
-    for (unsigned long long off = 0; off < total; ++off) mbdl_fast::dc::store_coil_image(p, off, u[off]);
-    for (int b = 0; b < B; ++b) {
-        for (int64_t pix = 0; pix < hw; ++pix) mbdl_fast::dc::coil_sum_step(p, b, pix);
+        const unsigned long long total = z.size();
+        std::vector<float2> loaded(total);
+        for (unsigned long long off = 0; off < total; ++off) loaded[off] = mbdl_fast::dc::load_expand(p, off);
+        z = loaded;  // cuFFT reads through the load callback; what was in z before is never read
+        if (!g.separate_v) p.v = z.data();  // V over Z, as the kernels do it
+        plan_dft(z, g, false);
+        for (unsigned long long off = 0; off < total; ++off) z[off] = mbdl_fast::dc::kspace_residual(p, off, z[off]);
+        plan_dft(z, g, true);
+        const std::vector<float2> u = z;  // the last pass's values, each stored once through the store callback
+        for (unsigned long long off = 0; off < total; ++off) mbdl_fast::dc::store_coil_image(p, off, u[off]);
+        for (int b = 0; b < B; ++b) {
+            for (int64_t pix = 0; pix < hw; ++pix) mbdl_fast::dc::coil_sum_step(p, b, pix);
+        }
     }
 
     double num = 0, den = 0;
@@ -440,6 +523,175 @@ void test_plan_key_and_cache() {
     check(cache.size() == 0, "clear");
 }
 
+// ---- Level 2 -------------------------------------------------------------------------------------------------
+
+void test_level2_dispatch() {
+    using mbdl_fast::level2_plan;
+    using mbdl_fast::Level2Plan;
+    check(mbdl_fast::level2_sizes() == std::vector<int>({256, 320, 368}), "Level-2 lengths: 256, 320, 368");
+    check(mbdl_fast::level2_sizes_text() == "256, 320, 368", "Level-2 lengths as text");
+    check(mbdl_fast::level2_fft(320) != nullptr && mbdl_fast::level2_fft(640) == nullptr, "640 has no Level-2 path");
+    for (const auto& f : mbdl_fast::kLevel2Ffts) {
+        check(f.n % f.ept == 0 && f.n / f.ept == 8 && f.ffts_per_block == 8, "n = " + std::to_string(f.n) +
+                                                                                ": 8 threads per line, 8 lines");
+    }
+
+    // 2-D, the fastMRI brain size: three launches per batch chunk, geometry from the table.
+    Level2Plan p = level2_plan(8, 15, 320, 320, true, true, 0, 0);
+    check(p.supported && p.batch_chunk == 8 && p.workspace_bytes == 8LL * 15 * 320 * 320 * 8 && p.launches.size() == 3,
+          "8x15x320x320 2-D, no L2 given: one chunk of the whole batch");
+    const auto& f1 = p.launches[0];
+    check(f1.kernel == mbdl_fast::L2_FORWARD_ROWS && f1.n == 320 && f1.grid[0] == 40 && f1.grid[1] == 15 &&
+              f1.grid[2] == 8 && f1.block[0] == 8 && f1.block[1] == 8 && f1.block[2] == 1 &&
+              f1.shared_bytes == 8 * 320 * 8 && f1.b0 == 0,
+          "pass 1: 40 row blocks x 15 coils x 8 samples, 8x8 threads, cuFFTDx's shared memory bound");
+    const auto& f2 = p.launches[1];
+    check(f2.kernel == mbdl_fast::L2_RESIDUAL_COLUMNS && f2.grid[0] == 40 && f2.grid[1] == 15 && f2.grid[2] == 8 &&
+              f2.shared_bytes == 8 * 320 * 8,
+          "pass 2: 40 column blocks x 15 coils x 8 samples");
+    const auto& f3 = p.launches[2];
+    check(f3.kernel == mbdl_fast::L2_ADJOINT_ROWS && f3.grid[0] == 40 && f3.grid[1] == 8 && f3.grid[2] == 1 &&
+              f3.shared_bytes == 2 * 8 * 320 * 8,
+          "pass 3: 40 row blocks x 8 samples, coils looped inside, coil sums in shared memory");
+
+    // The batch chunk from the L2 size: K's chunk within 3/10 of it.
+    const int64_t h100_l2 = 50LL << 20;
+    check(mbdl_fast::level2_batch_chunk(8, 15, 320, 320, h100_l2) == 1, "15 coils of 320^2 (12.3 MB): chunk 1 on 50 MB");
+    check(mbdl_fast::level2_batch_chunk(8, 4, 320, 320, h100_l2) == 4, "4 coils (3.3 MB): chunk 4 on 50 MB");
+    check(mbdl_fast::level2_batch_chunk(2, 1, 256, 256, h100_l2) == 2, "chunk at most B");
+    check(mbdl_fast::level2_batch_chunk(8, 20, 368, 368, 1LL << 20) == 1, "chunk at least 1");
+    check(mbdl_fast::level2_batch_chunk(100000, 1, 256, 256, 0) == 65535, "chunk at most the grid's 65535");
+    p = level2_plan(8, 15, 320, 320, true, true, 0, h100_l2);
+    check(p.batch_chunk == 1 && p.workspace_bytes == 15LL * 320 * 320 * 8 && p.launches.size() == 24,
+          "chunk 1: 8 groups of 3 launches, workspace of one sample");
+    check(p.launches[3].b0 == 1 && p.launches[3].grid[2] == 1 && p.launches[23].b0 == 7, "chunks walk the batch");
+    p = level2_plan(7, 3, 256, 368, true, true, 3, 0);
+    check(p.batch_chunk == 3 && p.launches.size() == 9 && p.launches[6].b0 == 6 && p.launches[6].grid[2] == 1,
+          "7 samples in chunks of 3: the last chunk has 1");
+    check(p.launches[0].n == 368 && p.launches[1].n == 256 && p.launches[2].n == 368, "rows of W = 368, columns of H = 256");
+    check(mbdl_fast::level2_chunk_for_workspace(8, 15, 320, 320, 3 * 15LL * 320 * 320 * 8 + 7) == 3,
+          "chunk from the workspace");
+    expect_invalid("workspace_bytes", [] { mbdl_fast::level2_chunk_for_workspace(8, 15, 320, 320, 100); },
+                   "workspace below one sample");
+
+    // 1-D: one fused launch, no workspace; the untransformed axis may have any length.
+    p = level2_plan(4, 20, 640, 368, false, true, 0, h100_l2);
+    check(p.supported && p.workspace_bytes == 0 && p.launches.size() == 1, "W-only 368 (fastMRI knee, H = 640): supported");
+    check(p.launches[0].kernel == mbdl_fast::L2_FUSED_ROWS && p.launches[0].n == 368 && p.launches[0].grid[0] == 80 &&
+              p.launches[0].grid[1] == 4 && p.launches[0].shared_bytes == 2 * 8 * 368 * 8,
+          "W-only: 80 blocks of 8 rows x 4 samples");
+    p = level2_plan(2, 3, 320, 7, true, false, 0, 0);
+    check(p.supported && p.launches.size() == 1 && p.launches[0].kernel == mbdl_fast::L2_FUSED_COLUMNS &&
+              p.launches[0].grid[0] == 1 && p.launches[0].n == 320,
+          "H-only 320 with W = 7: one block of 8 columns, one past the edge");
+
+    // Unsupported: which axis, and the lengths there are.
+    p = level2_plan(1, 1, 255, 256, true, true, 0, 0);
+    check(!p.supported && p.launches.empty() && p.why_not.rfind("H = 255 is not a Level-2 length", 0) == 0 &&
+              p.why_not.find("256, 320, 368") != std::string::npos,
+          "H = 255: not supported, says why: " + p.why_not);
+    p = level2_plan(1, 1, 640, 368, true, true, 0, 0);
+    check(!p.supported && p.why_not.rfind("H = 640 is", 0) == 0, "640 x 368 2-D: H = 640 has none");
+    p = level2_plan(1, 1, 100, 200, true, true, 0, 0);
+    check(!p.supported && p.why_not.rfind("H = 100 and W = 200 are", 0) == 0, "both axes named");
+    p = level2_plan(1, 1, 640, 368, false, true, 0, 0);
+    check(p.supported, "W-only: H = 640 is not transformed");
+    p = level2_plan(1, 1, 368, 640, false, true, 0, 0);
+    check(!p.supported && p.why_not.rfind("W = 640", 0) == 0, "W-only 640: none");
+    p = level2_plan(1, 70000, 256, 256, true, true, 0, 0);
+    check(!p.supported && p.why_not.rfind("C = 70000", 0) == 0, "more coils than the grid holds");
+    expect_invalid("transform_h, transform_w", [] { level2_plan(1, 1, 256, 256, false, false, 0, 0); }, "no axis");
+}
+
+DcArgs valid_level2_args() {
+    DcArgs a = valid_args();
+    a.H = 256;
+    a.W = 320;
+    a.coil_batch_stride = a.C * a.H * a.W;
+    a.z = a.v = 0;  // unused by Level 2
+    a.workspace = 64;
+    a.workspace_bytes = a.C * a.H * a.W * 8;  // one sample at a time
+    return a;
+}
+
+void test_level2_argument_checks() {
+    using mbdl_fast::check_level2_args;
+    const mbdl_fast::Level2Plan plan = check_level2_args(valid_level2_args());
+    check(plan.supported && plan.batch_chunk == 1 && plan.launches.size() == 6, "valid Level-2 arguments: chunk 1");
+    const std::vector<std::pair<std::string, std::function<void(DcArgs&)>>> cases = {
+        {"B", [](DcArgs& a) { a.B = 0; }},
+        {"x", [](DcArgs& a) { a.x = 0; }},
+        {"mask", [](DcArgs& a) { a.mask = 0; }},
+        {"gamma", [](DcArgs& a) { a.gamma = 0; }},
+        {"out", [](DcArgs& a) { a.out = 0; }},
+        {"coil_maps", [](DcArgs& a) { a.coil = 0; }},
+        {"coil_batch_stride", [](DcArgs& a) { a.coil_batch_stride = 7; }},
+        {"y", [](DcArgs& a) { a.transform_h = false; }},
+        {"y, ahy", [](DcArgs& a) { a.ahy = 64; }},
+        {"mask_sw", [](DcArgs& a) { a.mask_sw = -1; }},
+        {"workspace_bytes", [](DcArgs& a) { a.workspace_bytes = 8; }},
+        {"workspace_bytes", [](DcArgs& a) { a.workspace_bytes = -8; }},
+        {"workspace", [](DcArgs& a) { a.workspace = 0; }},
+        {"H", [](DcArgs& a) { a.H = 255; a.coil_batch_stride = 0; }},
+        {"W", [](DcArgs& a) { a.W = 640; a.coil_batch_stride = 0; }},
+        {"H, W", [](DcArgs& a) { a.H = 8; a.W = 6; a.coil_batch_stride = 0; a.workspace_bytes = 1 << 20; }},
+        {"W", [](DcArgs& a) { a.transform_h = false; a.y = 0; a.H = 5; a.W = 640; a.coil_batch_stride = 0; }},
+    };
+    for (const auto& [name, mutate] : cases) {
+        DcArgs a = valid_level2_args();
+        mutate(a);
+        expect_invalid(name, [&] { check_level2_args(a); }, "check_level2_args with bad " + name);
+    }
+    DcArgs a = valid_level2_args();
+    a.transform_h = false;
+    a.y = 0;
+    a.workspace = 0;
+    a.workspace_bytes = 0;
+    check(check_level2_args(a).workspace_bytes == 0, "1-D: no workspace needed");
+}
+
+void test_level2_step_matches_reference() {
+    std::mt19937 rng(4321);
+    struct Case {
+        int B, C, H, W;
+        bool th, tw, coils, shared;
+        int y_mode, mask_kind;
+        int64_t chunk;
+    };
+    // y_mode 0: y (2-D only); 1: A^H y; 2: neither. mask_kind 0: per sample (B, H, W), 1: (1, W), 2: (H, 1), 3: (H, W).
+    const Case cases[] = {
+        {2, 2, 256, 256, true, true, true, false, 0, 1, 1},      // chunks of 1 sample
+        {3, 3, 320, 256, true, true, true, true, 0, 0, 2},       // shared maps, per-sample mask, chunks 2 + 1
+        {1, 1, 368, 320, true, true, false, false, 1, 3, 0},     // one coil, no maps, A^H y, 2-D mask
+        {2, 2, 256, 368, true, true, true, false, 2, 3, 0},      // neither y nor A^H y
+        {3, 2, 6, 368, false, true, true, false, 1, 1, 0},       // W-only, 6 rows in a block of 8
+        {2, 3, 7, 256, false, true, true, true, 2, 1, 0},        // W-only, odd H (not transformed: no roll)
+        {2, 3, 320, 5, true, false, true, false, 1, 2, 0},       // H-only, 5 columns
+        {1, 4, 256, 9, true, false, true, false, 1, 2, 0},       // H-only, 9 columns: a second, nearly empty block
+        {2, 1, 368, 3, true, false, false, false, 2, 2, 0},      // H-only, one coil without maps
+    };
+    int n = 0;
+    for (const Case& c : cases) {
+        Problem pr{};
+        pr.level = 2;
+        pr.B = c.B;
+        pr.C = c.C;
+        pr.H = c.H;
+        pr.W = c.W;
+        pr.transform_h = c.th;
+        pr.transform_w = c.tw;
+        pr.coils = c.coils;
+        pr.shared_coils = c.shared;
+        pr.y_mode = c.y_mode;
+        pr.mask_kind = c.mask_kind;
+        pr.batch_chunk = c.chunk;
+        const double err = run_problem(pr, rng);
+        check(err < 1e-5, describe(pr) + ": relative error " + std::to_string(err));
+        ++n;
+    }
+    std::printf("emulated Level-2 step: %d cases against the reference\n", n);
+}
+
 }  // namespace
 
 int main() {
@@ -448,6 +700,9 @@ int main() {
         {"argument checks", test_argument_checks},
         {"plan key and cache", test_plan_key_and_cache},
         {"step matches reference", test_step_matches_reference},
+        {"Level-2 dispatch and launch geometry", test_level2_dispatch},
+        {"Level-2 argument checks", test_level2_argument_checks},
+        {"Level-2 step matches reference", test_level2_step_matches_reference},
     };
     for (const auto& [name, fn] : tests) {
         const int before = g_failed;

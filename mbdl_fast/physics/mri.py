@@ -192,8 +192,22 @@ class MultiCoilMRI(LinearPhysics):
         out = x - _gamma_view(gamma, x) * self._combine(ifftc(self.mask * residual))
         return self._image_out(out, channel)
 
-    def prox_l2(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
-        """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||².
+    def prox_l2(
+        self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor, backend: str = "auto"
+    ) -> torch.Tensor:
+        """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||² through ``backend`` (see ``mbdl_fast.prox_l2``).
+
+        Single coil, closed form: x = F_c^H [(F_c z + gamma M y) / (1 + gamma M²)] (fused: one k-space pass between
+        two FFTs). Multi-coil: CG on (I + gamma A^H A) x = z + gamma A^H y (``cg_tol``, ``cg_max_iter``; fused: the
+        DC step of the backend as the normal operator). ``backend="torch"`` is :meth:`prox_l2_reference`.
+        """
+        from mbdl_fast.prox import prox_l2
+
+        return prox_l2(self, z, y, gamma, backend=backend)
+
+    def prox_l2_reference(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+        """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||², in plain PyTorch: the definition the fast paths are checked
+        against.
 
         Single coil, closed form: x = F_c^H [(F_c z + gamma M y) / (1 + gamma M²)].
         Multi-coil: CG on (I + gamma A^H A) x = z + gamma A^H y (``cg_tol``, ``cg_max_iter``).

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from mbdl_fast._validate import check_finite, check_tensor
 from mbdl_fast.dc import dc_step
 from mbdl_fast.priors.base import denoise
+from mbdl_fast.prox import prox_l2
 from mbdl_fast.registry import build, config_of, register
 
 __all__ = ["DeepUnfolding"]
@@ -186,7 +187,7 @@ class DeepUnfolding(nn.Module):
             v = dc_step(physics, x, y, gamma, backend=self.dc_backend, AHy=ahy, check_inputs=False)
             return denoise(self.prior(k), v)
         z = denoise(self.prior(k), x)
-        return physics.prox_l2(z, y, gamma)
+        return prox_l2(physics, z, y, gamma, backend=self.dc_backend, check_inputs=False)
 
     def forward(self, y: torch.Tensor, physics: nn.Module, x0: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct from measurements ``y`` of ``physics``.
