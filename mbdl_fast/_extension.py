@@ -396,35 +396,24 @@ def mri_dc_step_cuda(
     sb, _, sh, sw = (0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     chosen, _ = cuda_dc_level(B, C, H, W, transform_h, transform_w, device, level, callbacks)
+
+    def operands(out: torch.Tensor) -> dict:
+        """The pointers, strides and sizes both levels take."""
+        return {
+            "x": x.data_ptr(), "coil": _ptr(coil_maps), "mask": mask.data_ptr(), "y": _ptr(y), "ahy": _ptr(ahy),
+            "coil_batch_stride": 0 if coil_maps is None or coil_maps.shape[0] == 1 else C * H * W,
+            "mask_sb": sb, "mask_sh": sh, "mask_sw": sw, "gamma": gamma.data_ptr(), "out": out.data_ptr(),
+            "B": B, "C": C, "H": H, "W": W, "transform_h": bool(transform_h), "transform_w": bool(transform_w),
+        }  # fmt: skip
+
     if chosen == 2:
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
             work = _level2_workspace_bytes(device, B, C, H, W, bool(transform_h), bool(transform_w))
             workspace = torch.empty(work, dtype=torch.uint8, device=x.device) if work else None
             out = torch.empty_like(x)
-            ext.dc_step_level2(
-                device=device,
-                stream=stream,
-                x=x.data_ptr(),
-                coil=0 if coil_maps is None else coil_maps.data_ptr(),
-                coil_batch_stride=0 if coil_maps is None or coil_maps.shape[0] == 1 else C * H * W,
-                mask=mask.data_ptr(),
-                mask_sb=sb,
-                mask_sh=sh,
-                mask_sw=sw,
-                y=0 if y is None else y.data_ptr(),
-                ahy=0 if ahy is None else ahy.data_ptr(),
-                gamma=gamma.data_ptr(),
-                out=out.data_ptr(),
-                workspace=0 if workspace is None else workspace.data_ptr(),
-                workspace_bytes=work,
-                B=B,
-                C=C,
-                H=H,
-                W=W,
-                transform_h=bool(transform_h),
-                transform_w=bool(transform_w),
-            )
+            ext.dc_step_level2(device=device, stream=stream, **operands(out), workspace=_ptr(workspace),
+                               workspace_bytes=work)  # fmt: skip
         _LEVELS_RUN[2] += 1
         return out
 
@@ -440,32 +429,8 @@ def mri_dc_step_cuda(
         v = torch.empty_like(z) if geometry["separate_v"] else z
         workspace = torch.empty(work, dtype=torch.uint8, device=x.device) if work else None
         out = torch.empty_like(x)
-        ext.dc_step(
-            device=device,
-            stream=stream,
-            x=x.data_ptr(),
-            coil=0 if coil_maps is None else coil_maps.data_ptr(),
-            coil_batch_stride=0 if coil_maps is None or coil_maps.shape[0] == 1 else C * H * W,
-            mask=mask.data_ptr(),
-            mask_sb=sb,
-            mask_sh=sh,
-            mask_sw=sw,
-            y=0 if y is None else y.data_ptr(),
-            ahy=0 if ahy is None else ahy.data_ptr(),
-            gamma=gamma.data_ptr(),
-            out=out.data_ptr(),
-            z=z.data_ptr(),
-            v=v.data_ptr(),
-            workspace=0 if workspace is None else workspace.data_ptr(),
-            workspace_bytes=work,
-            B=B,
-            C=C,
-            H=H,
-            W=W,
-            transform_h=bool(transform_h),
-            transform_w=bool(transform_w),
-            callbacks=bool(callbacks),
-        )
+        ext.dc_step(device=device, stream=stream, **operands(out), z=z.data_ptr(), v=v.data_ptr(),
+                    workspace=_ptr(workspace), workspace_bytes=work, callbacks=bool(callbacks))  # fmt: skip
     return out
 
 
@@ -569,3 +534,8 @@ def mri_prox_l2_cuda(z: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None
     z_k = torch.fft.fft2(z, norm="backward").contiguous()
     kspace_prox_update_cuda(z_k, mask, y, gamma)
     return torch.fft.ifft2(z_k, norm="forward")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    """A tensor's device address for the extension; 0 (null) for an absent optional tensor."""
+    return 0 if t is None else t.data_ptr()
