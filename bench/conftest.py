@@ -21,6 +21,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def record_floor_gbps(benchmark, floor: int) -> None:
+    """GB/s of the minimum bytes an operation must move (``floor``) at the measured median time."""
+    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+    if stats is not None and stats.stats.median > 0:
+        benchmark.extra_info["floor_gbps"] = floor / stats.stats.median / 1e9
+
+
+def checked_timer(step, reference: torch.Tensor, device: torch.device, label: str, tol: float = 1e-4):
+    """Run ``step`` once (warm-up: compilation, plans) and check it against ``reference`` (relative L2 error below
+    ``tol``) before anything is timed; returns (the error, a callable that runs ``step`` and synchronises)."""
+    out = step()
+    err = float((out - reference).abs().pow(2).sum().sqrt() / reference.abs().pow(2).sum().sqrt())
+    assert err < tol, f"{label}: relative error {err:.2e} against the reference"
+
+    def timed():
+        out = step()
+        sync(device)
+        return out
+
+    return err, timed
+
+
 @pytest.fixture(scope="session")
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,7 @@ and, after the run, ``floor_gbps`` = floor_bytes / median time.
 
 import pytest
 import torch
-from conftest import device_name, sync
+from conftest import checked_timer, device_name, record_floor_gbps, sync
 
 import mbdl_fast
 from mbdl_fast.backends import CUDA_LEVEL_ENV, backends
@@ -77,12 +77,6 @@ def floor_bytes(phys, x, with_y: bool) -> int:
     return 2 * b * h * w * 8 + maps + data + phys.mask.numel() * 4
 
 
-def record_floor_gbps(benchmark, floor: int) -> None:
-    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    if stats is not None and stats.stats.median > 0:
-        benchmark.extra_info["floor_gbps"] = floor / stats.stats.median / 1e9
-
-
 @pytest.mark.parametrize("size_name", list(SIZES))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dc_step(benchmark, variant, size_name, bench_device, monkeypatch):
@@ -131,15 +125,7 @@ def test_dc_step(benchmark, variant, size_name, bench_device, monkeypatch):
         def step():
             return mbdl_fast.dc_step(phys, x, y, gamma, backend=backend, check_inputs=False)
 
-    reference = phys.dc_step_reference(x, y, gamma)
-    out = step()  # warm-up (compilation, plans) and a correctness check before timing
-    err = float((out - reference).abs().pow(2).sum().sqrt() / reference.abs().pow(2).sum().sqrt())
-    assert err < 1e-4, f"{variant}: relative error {err:.2e} against the reference"
-
-    def timed():
-        out = step()
-        sync(bench_device)
-        return out
+    err, timed = checked_timer(step, phys.dc_step_reference(x, y, gamma), bench_device, variant)
 
     benchmark.extra_info.update(
         {

@@ -16,7 +16,7 @@ read and write at least) and, after the run, ``floor_gbps`` = floor_bytes / medi
 
 import pytest
 import torch
-from conftest import device_name, sync
+from conftest import checked_timer, device_name, record_floor_gbps, sync
 
 import mbdl_fast
 from mbdl_fast.backends import backends
@@ -56,12 +56,6 @@ def floor_bytes(phys, z) -> int:
     return (data + maps + image + mask) + CG_ITERATIONS * (2 * image + maps + mask)
 
 
-def record_floor_gbps(benchmark, floor: int) -> None:
-    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    if stats is not None and stats.stats.median > 0:
-        benchmark.extra_info["floor_gbps"] = floor / stats.stats.median / 1e9
-
-
 @pytest.mark.parametrize("size_name", list(SIZES))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_prox_l2(benchmark, variant, size_name, bench_device):
@@ -93,15 +87,7 @@ def test_prox_l2(benchmark, variant, size_name, bench_device):
     def prox():
         return mbdl_fast.prox_l2(phys, z, y, gamma, backend=variant, check_inputs=False)
 
-    reference = phys.prox_l2_reference(z, y, gamma)
-    out = prox()  # warm-up (compilation, plans) and a correctness check before timing
-    err = float((out - reference).abs().pow(2).sum().sqrt() / reference.abs().pow(2).sum().sqrt())
-    assert err < 1e-4, f"{variant}: relative error {err:.2e} against the reference"
-
-    def timed():
-        out = prox()
-        sync(bench_device)
-        return out
+    err, timed = checked_timer(prox, phys.prox_l2_reference(z, y, gamma), bench_device, variant)
 
     benchmark.extra_info.update({**info, "rel_err": err})
     benchmark.pedantic(timed, rounds=5 if bench_device.type == "cpu" else 50, warmup_rounds=1)
