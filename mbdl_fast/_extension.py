@@ -357,17 +357,7 @@ def mri_dc_step_cuda(
             "coil_maps",
         )
         C = coil_maps.shape[1]
-    mask_expected = f"float32 (B or 1, 1, H or 1, W or 1) with B, H, W = {B}, {H}, {W}"
-    if not (
-        isinstance(mask, torch.Tensor)
-        and mask.dtype == torch.float32
-        and mask.dim() == 4
-        and mask.shape[0] in (1, B)
-        and mask.shape[1] == 1
-        and mask.shape[2] in (1, H)
-        and mask.shape[3] in (1, W)
-    ):
-        raise _expected("mask", mask_expected, mask)
+    _check_mask(mask, B, H, W)
     if y is not None:
         y = _contiguous(
             y, torch.complex64, lambda t: tuple(t.shape) == (B, C, H, W),
@@ -479,17 +469,7 @@ def kspace_prox_update_cuda(z_k: torch.Tensor, mask: torch.Tensor, y: torch.Tens
     z_expected = "contiguous complex64 (B, H, W) on cuda"
     z_k = _contiguous(z_k, torch.complex64, lambda t: t.dim() == 3, z_expected, "z_k")
     B, H, W = z_k.shape
-    mask_expected = f"float32 (B or 1, 1, H or 1, W or 1) with B, H, W = {B}, {H}, {W}"
-    if not (
-        isinstance(mask, torch.Tensor)
-        and mask.dtype == torch.float32
-        and mask.dim() == 4
-        and mask.shape[0] in (1, B)
-        and mask.shape[1] == 1
-        and mask.shape[2] in (1, H)
-        and mask.shape[3] in (1, W)
-    ):
-        raise _expected("mask", mask_expected, mask)
+    _check_mask(mask, B, H, W)
     if y is not None:
         y = _contiguous(
             y,
@@ -539,3 +519,17 @@ def mri_prox_l2_cuda(z: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None
 def _ptr(t: torch.Tensor | None) -> int:
     """A tensor's device address for the extension; 0 (null) for an absent optional tensor."""
     return 0 if t is None else t.data_ptr()
+
+
+def _check_mask(mask: torch.Tensor, B: int, H: int, W: int) -> None:
+    """A k-space mask the kernels can index: float32 (B or 1, 1, H or 1, W or 1), broadcast by zero strides."""
+    if not (
+        isinstance(mask, torch.Tensor)
+        and mask.dtype == torch.float32
+        and mask.dim() == 4
+        and mask.shape[0] in (1, B)
+        and mask.shape[1] == 1
+        and mask.shape[2] in (1, H)
+        and mask.shape[3] in (1, W)
+    ):
+        raise _expected("mask", f"float32 (B or 1, 1, H or 1, W or 1) with B, H, W = {B}, {H}, {W}", mask)
