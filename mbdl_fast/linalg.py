@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
+
+from mbdl_fast._validate import MAX_ITERATIONS, check_int, check_number, check_tensor, describe
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solve (fixed point, Anderson, CG) stopped at its cap with samples above the tolerance."""
 
 
 def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -18,12 +25,20 @@ def conjugate_gradient(
     x0: torch.Tensor | None = None,
     tol: float = 1e-6,
     max_iter: int = 50,
+    warn_as: str | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Solve ``apply(x) = b`` for each sample of a batch (dim 0), ``apply`` Hermitian positive definite.
 
     Stops a sample once ||r|| <= tol * ||b|| (relative residual); stops the loop when all have,
     or at ``max_iter``. Returns ``(x, info)`` with ``info = {"iterations", "residual" (B,), "converged" (B,)}``.
+    With ``warn_as`` (the caller's name, e.g. ``"prox_l2"``), samples left above ``tol`` raise a
+    :class:`ConvergenceWarning` as the fixed-point solvers do (not with ``tol = 0``: a fixed iteration count).
     """
+    b = check_tensor("b", b)
+    if b.dim() < 1 or b.numel() == 0:
+        raise ValueError(f"b: expected a non-empty batch (B, ...), got {describe(b)}")
+    tol = check_number("tol", tol, 0.0)  # 0: exactly max_iter iterations
+    max_iter = check_int("max_iter", max_iter, 1, MAX_ITERATIONS)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply(x) if x0 is not None else b.clone()
     p = r.clone()
@@ -46,4 +61,14 @@ def conjugate_gradient(
         p = r + beta.view(shape) * p
         rs = torch.where(active, rs_new, rs)
     residual = torch.sqrt(rs) / b_norm
-    return x, {"iterations": it, "residual": residual, "converged": residual <= tol}
+    converged = residual <= tol
+    if warn_as is not None and tol > 0 and not bool(converged.all()):
+        failed = int((~converged).sum())
+        warnings.warn(
+            f"{warn_as}: CG left {failed} of {b.shape[0]} samples above cg_tol={tol:g} after cg_max_iter={max_iter} "
+            f"iterations (largest relative residual {float(residual[~converged].max()):.3e}); raise cg_max_iter or "
+            "see physics.last_prox_info['converged']",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return x, {"iterations": it, "residual": residual, "converged": converged}

@@ -20,25 +20,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mbdl_fast._validate import check_int, check_number, check_tensor
+
+
+def _check_seed(seed: int | None) -> int | None:
+    return None if seed is None else check_int("seed", seed, 0, 2**32 - 1)  # numpy's RandomState range
+
 
 def _fastmri_rng(seed: int | None) -> np.random.RandomState:
     """fastMRI's generator state after ``choose_acceleration`` (one ``randint`` draw), so that the
     same seed gives fastMRI's mask bit for bit."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(_check_seed(seed))
     rng.randint(1)
     return rng
 
 
 def _check_common(num_cols: int, acceleration: float) -> None:
-    if not isinstance(num_cols, int) or num_cols < 2:
-        raise ValueError(f"num_cols: expected an int >= 2, got {num_cols!r}")
-    if not acceleration >= 1:
-        raise ValueError(f"acceleration: expected a number >= 1, got {acceleration!r}")
+    check_int("num_cols", num_cols, 2)
+    check_number("acceleration", acceleration, 1.0)
 
 
 def _low_freq_band(num_cols: int, center_fraction: float) -> tuple[int, int]:
-    if not 0 <= center_fraction <= 1:
-        raise ValueError(f"center_fraction: expected a number in [0, 1], got {center_fraction!r}")
+    check_number("center_fraction", center_fraction, 0.0, 1.0)
     num_low = int(round(num_cols * center_fraction))
     start = (num_cols - num_low + 1) // 2
     return start, num_low
@@ -114,9 +117,13 @@ def variable_density_mask(
     """2-D variable-density random mask ``(H, W)``: a fully sampled centred square of side
     ``center_fraction * min(H, W)`` and elsewhere i.i.d. sampling with probability ∝ (1 - r)^decay
     (r the normalised radius), scaled so that about ``H * W / acceleration`` points are kept."""
-    h, w = shape
-    if acceleration < 1:
-        raise ValueError(f"acceleration: expected a number >= 1, got {acceleration!r}")
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"shape: expected (H, W), got {shape!r}")
+    h, w = (check_int("shape", n, 2) for n in shape)
+    check_number("acceleration", acceleration, 1.0)
+    check_number("center_fraction", center_fraction, 0.0, 1.0)
+    check_number("decay", decay, 0.0)
+    seed = _check_seed(seed)
     ky = (np.arange(h) - h // 2) / (h / 2)
     kx = (np.arange(w) - w // 2) / (w / 2)
     r = np.clip(np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) / np.sqrt(2), 0, 1)
@@ -147,6 +154,7 @@ def mask_axes(mask: torch.Tensor, height: int, width: int) -> tuple[int, ...]:
     constant mask gives ``()``. Leading (batch, coil) dims may differ (one column mask per sample
     still varies along W only, so each sample's normal operator needs a 1-D transform only).
     """
+    check_tensor("mask", mask)
     m = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 2 else mask
     varies_h = m.shape[-2] != 1 and bool((m != m[..., :1, :]).any())
     varies_w = m.shape[-1] != 1 and bool((m != m[..., :, :1]).any())

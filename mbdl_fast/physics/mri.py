@@ -21,10 +21,12 @@ from mbdl_fast._validate import (
     check_broadcastable,
     check_complex,
     check_finite,
+    check_nonempty,
     check_real,
     check_same_device,
     check_tensor,
     describe,
+    value_checks_wanted,
 )
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.fft import fftc, ifftc
@@ -73,7 +75,8 @@ class MultiCoilMRI(LinearPhysics):
             raise ValueError(f"mask: expected coil dim 1 (the same mask for every coil), got {describe(mask)}")
         if self.coil_maps is not None:
             check_same_device([("coil_maps", self.coil_maps), ("mask", mask)])
-        self.mask = mask.to(torch.float32)
+        # A copy: the cached axes below must describe this mask even if the caller's buffer changes later.
+        self.mask = mask.to(torch.float32, copy=True)
         self._mask_axes = mask_axes(self.mask, mask.shape[-2], mask.shape[-1])
 
     def _set_coil_maps(self, coil_maps: torch.Tensor | None) -> None:
@@ -112,6 +115,7 @@ class MultiCoilMRI(LinearPhysics):
     def _check_image(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.complex64 and x.dtype != torch.complex128:
             raise TypeError(f"{name}: expected complex64 (B, H, W), got {describe(x)}")
+        check_nonempty(name, x, "complex (B, H, W)")
         if self.coil_maps is not None and self.coil_maps.dtype != x.dtype:
             raise TypeError(f"coil_maps: expected {x.dtype} like {name}, got {describe(self.coil_maps)}")
         b, h, w = x.shape
@@ -124,6 +128,8 @@ class MultiCoilMRI(LinearPhysics):
                     f"coil_maps: expected complex64 ({b}, C, {h}, {w}) (or batch 1) to match {name} {describe(x)}, "
                     f"got {describe(self.coil_maps)}"
                 )
+        if value_checks_wanted():
+            check_finite(name, x)
         return x
 
     def _image_out(self, x: torch.Tensor, channel: bool) -> torch.Tensor:
@@ -138,6 +144,9 @@ class MultiCoilMRI(LinearPhysics):
             y = from_real_packed(y)
         else:
             check_complex(name, y, "k-space (B, C, H, W)", 4)
+        check_nonempty(name, y, "k-space (B, C, H, W)")
+        if value_checks_wanted():
+            check_finite(name, y)
         if y.shape[1] != self.num_coils:
             raise ValueError(
                 f"{name}: expected k-space (B, {self.num_coils}, H, W) ({self.num_coils} coils), got {describe(y)}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mbdl_fast._validate import check_tensor, describe
+from mbdl_fast._validate import check_finite, check_nonempty, check_tensor, describe, value_checks_wanted
 
 
 def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
@@ -31,6 +31,9 @@ def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
         raise TypeError(f"x: expected real floating {layout}, got {describe(x)}")
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"x: expected real floating {layout}, got {describe(x)}")
+    check_nonempty("x", x, layout)
+    if value_checks_wanted():
+        check_finite("x", x)
     return x
 
 

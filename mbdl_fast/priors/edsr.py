@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast._validate import check_number
 from mbdl_fast.priors._common import check_prior_input, kwargs_from_config, positive_int, resolve_widths
 from mbdl_fast.registry import register
 
@@ -103,7 +104,7 @@ class EDSR(nn.Module):
             raise ValueError(
                 f"residual_to_input: needs in_channels == out_channels, got {in_channels} and {out_channels}"
             )
-        self.res_scale = float(res_scale)
+        self.res_scale = check_number("res_scale", res_scale)
         self.residual_to_input = bool(residual_to_input)
         self.bias = bool(bias)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast._validate import check_number
 from mbdl_fast.fft import fft2c, ifft2c
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.registry import build, config_of, register
@@ -79,7 +80,7 @@ class VarNet(nn.Module):
         if priors is None:
             priors = [_default_prior(self.chans, self.pools) for _ in range(self.num_cascades)]
         self.priors = nn.ModuleList(_replicate("priors", priors, self.num_cascades))
-        self.dc_weight_init = float(dc_weight_init)
+        self.dc_weight_init = check_number("dc_weight_init", dc_weight_init)
         self.dc_weight = nn.Parameter(torch.full((self.num_cascades,), self.dc_weight_init, dtype=torch.float32))
         self.checkpointing = bool(checkpointing)
 
@@ -114,7 +115,7 @@ class VarNet(nn.Module):
 
         if not isinstance(physics, MultiCoilMRI):
             raise TypeError(f"physics: VarNet expects MultiCoilMRI or MRI, got {type(physics).__name__}")
-        _check_solver_inputs(y, x0)
+        _check_solver_inputs(y, x0, physics)
         y = physics._kspace_in("y", y)
         if x0 is None:
             k = y
