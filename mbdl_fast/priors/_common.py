@@ -37,10 +37,18 @@ def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
     return x
 
 
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (bools refused: ``True`` is not a width)."""
+#: Bounds of the architecture arguments: far beyond any real prior, they keep a config (or a checkpoint's) from
+#: asking for a network that takes minutes and gigabytes to build.
+MAX_WIDTH = 65536
+MAX_LAYERS = 1000
+
+
+def positive_int(name: str, value: object, maximum: int = MAX_WIDTH) -> int:
+    """``value`` as an int in [1, maximum] (bools refused: ``True`` is not a width)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name}: expected a positive int <= {maximum}, got {value!r}")
     return int(value)
 
 
@@ -65,9 +73,13 @@ def resolve_widths(
         raise TypeError(f"widths: expected a list of {length} positive ints ({layout}), got {type(widths).__name__}")
     if len(widths) != length:
         raise ValueError(f"widths: expected {length} entries ({layout}), got {len(widths)}: {list(widths)}")
-    bad = [(i, w) for i, w in enumerate(widths) if isinstance(w, bool) or not isinstance(w, int) or w < 1]
+    bad = [
+        (i, w) for i, w in enumerate(widths) if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_WIDTH
+    ]
     if bad:
-        raise ValueError(f"widths: expected positive ints ({layout}), got {bad[0][1]!r} at index {bad[0][0]}")
+        raise ValueError(
+            f"widths: expected positive ints <= {MAX_WIDTH} ({layout}), got {bad[0][1]!r} at index {bad[0][0]}"
+        )
     return tuple(int(w) for w in widths)
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbdl_fast._validate import check_number
-from mbdl_fast.priors._common import check_prior_input, kwargs_from_config, positive_int, resolve_widths
+from mbdl_fast._validate import check_int, check_number
+from mbdl_fast.priors._common import MAX_LAYERS, check_prior_input, kwargs_from_config, positive_int, resolve_widths
 from mbdl_fast.registry import register
 
 
@@ -89,9 +89,7 @@ class EDSR(nn.Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-            raise ValueError(f"num_blocks: expected an int >= 0, got {num_blocks!r}")
-        self.num_blocks = num_blocks
+        self.num_blocks = check_int("num_blocks", num_blocks, 0, MAX_LAYERS)
         layout = "head, then conv1 and conv2 of each block, then body_end"
         self.widths = resolve_widths("width", width, widths, 64, 2 * num_blocks + 2, layout)
         tied = [self.widths[i] for i in self.tied_widths()[0]]

@@ -127,7 +127,7 @@ class UNet(nn.Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        P = positive_int("num_pool_layers", num_pool_layers)
+        P = positive_int("num_pool_layers", num_pool_layers, maximum=16)  # 2^16 pixels per side at least
         self.num_pool_layers = P
         if not 0.0 <= float(drop_prob) <= 1.0:
             raise ValueError(f"drop_prob: expected a probability in [0, 1], got {drop_prob!r}")
