@@ -135,7 +135,7 @@ def build_report() -> list[tuple[str, bool, str]]:
     for part, label in (("level1", "Level-1 DC step (cuFFT LTO callbacks)"), ("level2", "Level-2 DC step (cuFFTDx)")):
         detail = str(built.get(f"{part}_detail", "no reason recorded"))
         hint = "" if built.get(part) else _build_hints.hint(part, detail)
-        rows.append((label, bool(built.get(part)), f"{detail}; {hint}" if hint else detail))
+        rows.append((label, bool(built.get(part)), f"{detail}; to build it: {hint}" if hint else detail))
     return rows
 
 

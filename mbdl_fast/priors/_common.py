@@ -18,8 +18,11 @@ import torch
 from mbdl_fast._validate import check_finite, check_nonempty, check_tensor, describe, value_checks_wanted
 
 
-def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
-    """Require real floating ``(B, in_channels, H, W)``; a complex tensor gets a hint to use ``denoise``."""
+def check_prior_input(x: object, in_channels: int, prior: torch.nn.Module | None = None) -> torch.Tensor:
+    """Require real floating ``(B, in_channels, H, W)``; a complex tensor gets a hint to use ``denoise``.
+
+    With ``prior``, ``x`` must also have the dtype and device of its weights (outside autocast).
+    """
     x = check_tensor("x", x)
     layout = f"(B, {in_channels}, H, W)"
     if x.is_complex():
@@ -32,6 +35,13 @@ def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"x: expected real floating {layout}, got {describe(x)}")
     check_nonempty("x", x, layout)
+    weight = next(prior.parameters(), None) if prior is not None else None
+    if weight is not None:
+        if x.device != weight.device:
+            raise ValueError(f"x: expected a tensor on {weight.device} (the prior's weights), got {describe(x)}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            dtype = str(weight.dtype).replace("torch.", "")
+            raise TypeError(f"x: expected {dtype} {layout} (the dtype of the prior's weights), got {describe(x)}")
     if value_checks_wanted():
         check_finite("x", x)
     return x

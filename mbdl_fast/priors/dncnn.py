@@ -84,7 +84,7 @@ class DnCNN(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         h = torch.relu(self.convs[0](x))
         for i in range(1, self.depth - 1):
             h = self.convs[i](h)

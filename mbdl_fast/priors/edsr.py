@@ -127,7 +127,7 @@ class EDSR(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         h0 = self.head(x)
         h = h0
         for block in self.blocks:

@@ -176,7 +176,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         least = 2**self.num_pool_layers
         h, w = x.shape[-2:]
         if h < least or w < least or (h // least) * (w // least) < 2:
@@ -282,7 +282,7 @@ class NormUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         b, c, h, w = x.shape
         groups = x.reshape(b, 2, (c // 2) * h * w)
         mean = groups.mean(dim=2).view(b, 2, 1, 1, 1)
