@@ -105,7 +105,7 @@ def check_nonempty(name: str, t: torch.Tensor, layout: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 #: Upper bound on iteration counts (solver caps, unrolled iterations, CG): a config or checkpoint cannot ask for
 #: a solve that never ends.
-MAX_ITERATIONS = 100_000
+MAX_ITERATIONS = 10_000
 
 
 def _bound_text(minimum: float | None, maximum: float | None, open_min: bool, open_max: bool) -> str:

@@ -34,15 +34,21 @@ from mbdl_fast.physics.masks import equispaced_mask, random_mask, uniform_acs_ma
 MASK_TYPES = ("random", "equispaced", "uniform", "variable_density")
 
 
+#: Longest image side simulated: beyond any MR image, and a typo (10**9) cannot exhaust memory.
+MAX_SIDE = 16384
+
+
 def _check_shape2(shape: object) -> tuple[int, int]:
     hw = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
-    if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in hw):
-        raise ValueError(f"shape: expected a pair (H, W) of positive ints, got {shape!r}")
+    if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE for s in hw):
+        raise ValueError(f"shape: expected a pair (H, W) of ints in [1, {MAX_SIDE}], got {shape!r}")
     return hw  # type: ignore[return-value]
 
 
 #: A phase polynomial of higher degree is no longer smooth; the bound also keeps its (order + 1)² terms small.
 MAX_PHASE_ORDER = 16
+#: Far more receive channels than any scanner has: the bound keeps a typo from allocating C full-size maps.
+MAX_COILS = 1024
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -84,7 +90,7 @@ def birdcage_coil_maps(
             distance by an independent factor in [1 - jitter, 1 + jitter], reproducibly.
         jitter: relative spread of the coil distances when ``seed`` is given.
     """
-    check_int("num_coils", num_coils, 1)
+    check_int("num_coils", num_coils, 1, MAX_COILS)
     hw = _check_shape2(shape)
     check_number("radius", radius, 0.0, open_min=True)
     check_number("jitter", jitter, 0.0, 1.0, open_max=True)
@@ -176,7 +182,7 @@ def simulate_multicoil(
     images = check_real("images", images, "(N, H, W)", 3)
     check_nonempty("images", images, "real (N, H, W)")
     check_finite("images", images)
-    check_int("num_coils", num_coils, 1)
+    check_int("num_coils", num_coils, 1, MAX_COILS)
     check_number("noise_std", noise_std, 0.0)
     check_number("max_phase", max_phase, 0.0)
     check_number("radius", radius, 0.0, open_min=True)
@@ -256,7 +262,7 @@ class MultiCoilBrainDataset(Dataset):
     ) -> None:
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type: expected one of {MASK_TYPES}, got {mask_type!r}")
-        check_int("num_coils", num_coils, 1)
+        check_int("num_coils", num_coils, 1, MAX_COILS)
         check_number("noise_std", noise_std, 0.0)
         check_int("seed", seed, 0, 2**63 - 1)
         self.images = load_brain_slices(split, size)

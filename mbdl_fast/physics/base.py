@@ -93,6 +93,8 @@ class LinearPhysics(torch.nn.Module):
 def _gamma_view(gamma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
     """A step size >= 0 (checked: ``check_step``), a scalar or one per sample (B,) viewed to broadcast over x."""
     check_step("gamma", gamma, x.shape[0], value_checks_wanted())
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(x.real.dtype)  # a float64 step must not promote a float32 / complex64 problem
     if isinstance(gamma, torch.Tensor) and gamma.dim() == 1:
         return gamma.view((-1,) + (1,) * (x.dim() - 1))
     return gamma

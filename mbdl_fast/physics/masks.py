@@ -35,9 +35,13 @@ def _fastmri_rng(seed: int | None) -> np.random.RandomState:
     return rng
 
 
+#: Longest k-space side a mask is made for: far beyond any scanner, and a hostile size cannot exhaust memory.
+MAX_COLS = 1 << 16
+
+
 def _check_common(num_cols: int, acceleration: float) -> None:
-    check_int("num_cols", num_cols, 2)
-    check_number("acceleration", acceleration, 1.0)
+    check_int("num_cols", num_cols, 2, MAX_COLS)
+    check_number("acceleration", acceleration, 1.0, float(num_cols), meaning="at least one column in num_cols")
 
 
 def _low_freq_band(num_cols: int, center_fraction: float) -> tuple[int, int]:
@@ -57,7 +61,8 @@ def random_mask(num_cols: int, acceleration: float, center_fraction: float, seed
     start, num_low = _low_freq_band(num_cols, center_fraction)
     if num_low >= num_cols / acceleration and acceleration > 1:
         raise ValueError(
-            f"center_fraction: {center_fraction} keeps {num_low} of {num_cols} columns, more than 1/{acceleration} of them"
+            f"center_fraction: {center_fraction} keeps {num_low} of {num_cols} columns, more than "
+            f"1/acceleration = 1/{acceleration} of them"
         )
     prob = (num_cols / acceleration - num_low) / (num_cols - num_low) if num_cols > num_low else 1.0
     mask = _fastmri_rng(seed).uniform(size=num_cols) < prob
@@ -85,7 +90,7 @@ def equispaced_mask(
         mask[rng.randint(0, high=round(acceleration)) :: int(acceleration)] = True
         return _as_column_mask(mask)
     if num_low * acceleration >= num_cols:
-        raise ValueError(f"center_fraction: {center_fraction} with acceleration {acceleration} leaves no outer columns")
+        raise ValueError(f"center_fraction: {center_fraction} with acceleration={acceleration} leaves no outer columns")
     adjusted = (acceleration * (num_low - num_cols)) / (num_low * acceleration - num_cols)
     offset = rng.randint(0, high=round(adjusted))
     samples = np.around(np.arange(offset, num_cols - 1, adjusted)).astype(np.uint64)
@@ -119,8 +124,8 @@ def variable_density_mask(
     (r the normalised radius), scaled so that about ``H * W / acceleration`` points are kept."""
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
         raise ValueError(f"shape: expected (H, W), got {shape!r}")
-    h, w = (check_int("shape", n, 2) for n in shape)
-    check_number("acceleration", acceleration, 1.0)
+    h, w = (check_int("shape", n, 2, MAX_COLS) for n in shape)
+    check_number("acceleration", acceleration, 1.0, float(h * w), meaning="at least one point in H x W")
     check_number("center_fraction", center_fraction, 0.0, 1.0)
     check_number("decay", decay, 0.0)
     seed = _check_seed(seed)
@@ -134,7 +139,10 @@ def variable_density_mask(
     budget = h * w / acceleration - center.sum()
     outer = density * ~center
     if budget <= 0 or outer.sum() == 0:
-        raise ValueError(f"center_fraction: {center_fraction} already keeps more than 1/{acceleration} of the points")
+        raise ValueError(
+            f"center_fraction: {center_fraction} already keeps more than 1/acceleration = 1/{acceleration} of the "
+            "points (or decay leaves none outside the centre)"
+        )
     # Bisection on the scale so the expected count hits the budget (probabilities are clipped at 1).
     lo, hi = 0.0, 1.0
     while np.minimum(hi * outer, 1).sum() < budget:

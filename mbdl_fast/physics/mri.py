@@ -84,6 +84,7 @@ class MultiCoilMRI(LinearPhysics):
             check_complex("coil_maps", coil_maps, "(B, C, H, W)", 4)
             if coil_maps.dtype not in (torch.complex64, torch.complex128):
                 raise TypeError(f"coil_maps: expected complex64 (B, C, H, W), got {describe(coil_maps)}")
+            check_nonempty("coil_maps", coil_maps, "complex64 (B, C, H, W)")
             check_finite("coil_maps", coil_maps)
         self.coil_maps = coil_maps
 
@@ -119,7 +120,7 @@ class MultiCoilMRI(LinearPhysics):
         if self.coil_maps is not None and self.coil_maps.dtype != x.dtype:
             raise TypeError(f"coil_maps: expected {x.dtype} like {name}, got {describe(self.coil_maps)}")
         b, h, w = x.shape
-        check_broadcastable("mask", self.mask, (b, 1, h, w), "k-space (B, C, H, W)")
+        check_broadcastable("mask", self.mask, (b, 1, h, w), f"the k-space (B, C, H, W) of {name}")
         check_same_device([(name, x), ("mask", self.mask)])
         if self.coil_maps is not None:
             check_same_device([(name, x), ("coil_maps", self.coil_maps)])

@@ -57,8 +57,9 @@ MAX_ANDERSON_M = 64
 
 def _check_args(z0: object, tol: float, max_iter: int, stop_mode: str) -> torch.Tensor:
     z0 = check_tensor("z0", z0)
-    if z0.dim() < 1 or not (z0.is_floating_point() or z0.is_complex()):
-        raise TypeError(f"z0: expected a floating or complex tensor (B, ...), got {describe(z0)}")
+    if z0.dim() < 1 or z0.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        # Half precision cannot carry a 1e-4 tolerance, and the Anderson system is solved in z0's precision.
+        raise TypeError(f"z0: expected a float32/float64 or complex64/complex128 tensor (B, ...), got {describe(z0)}")
     check_nonempty("z0", z0, "tensor (B, ...)")
     check_finite("z0", z0)
     check_number("tol", tol, 0.0, open_min=True)
