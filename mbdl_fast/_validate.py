@@ -119,12 +119,14 @@ def _bound_text(minimum: float | None, maximum: float | None, open_min: bool, op
 
 def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as a Python int in ``[minimum, maximum]``; bools, floats (even 3.0) and strings are refused."""
+    bounds = _bound_text(minimum, maximum, False, False)
+    what = f"an int {bounds}" if bounds else "an int"
     if isinstance(value, bool) or not isinstance(value, int):
         if not (hasattr(value, "__index__") and not isinstance(value, (bool, torch.Tensor))):
-            raise TypeError(f"{name}: expected an int {_bound_text(minimum, maximum, False, False)}, got {value!r}")
+            raise TypeError(f"{name}: expected {what}, got {value!r}")
         value = value.__index__()  # numpy integers
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}: expected an int {_bound_text(minimum, maximum, False, False)}, got {value!r}")
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
     return int(value)
 
 

@@ -71,6 +71,8 @@ def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     A shipped model name (``deq_mri_4x``, see ``mbdl_fast.weights``) stands for the shipped files when no
     checkpoint exists at that path.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint path (str or os.PathLike) or a shipped model name, got {path!r}")
     base = Path(path)
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")

@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from mbdl_fast._validate import check_complex
+
 
 @functools.lru_cache(maxsize=64)
 def _axis_sign(n: int, device: torch.device) -> torch.Tensor:
@@ -44,6 +46,8 @@ def shift_signs(shape: tuple[int, ...], dims: tuple[int, ...], device: torch.dev
 
 
 def _centered(x: torch.Tensor, dims: tuple[int, ...], inverse: bool) -> torch.Tensor:
+    # A real tensor is refused, not transformed: fastMRI's real (..., 2) layout would be read as an image.
+    check_complex("x", x, "(..., H, W)", tuple(range(1, 9)))
     dims = tuple(d % x.dim() for d in dims)
     even = tuple(d for d in dims if x.shape[d] % 2 == 0)
     odd = tuple(d for d in dims if x.shape[d] % 2 == 1)

@@ -291,6 +291,7 @@ class MultiCoilBrainDataset(Dataset):
         return variable_density_mask((h, w), self.acceleration, self.center_fraction, seed=s % 2**32)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        index = check_int("index", index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index: expected an int in [0, {len(self)}), got {index}")
         index = index % len(self)

@@ -102,7 +102,7 @@ def _check_option(key: str, value: Any) -> Any:
         return number(positive=True)
     if key == "anderson_lam":
         return number(positive=False)
-    raise TypeError(f"DEQ: unknown option {key!r}; known options: {sorted(DEFAULT_SOLVER_OPTIONS)}")
+    raise TypeError(f"{key}: unknown option {key!r} of DEQ; known options: {sorted(DEFAULT_SOLVER_OPTIONS)}")
 
 
 @register("DEQ")
