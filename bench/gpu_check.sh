@@ -37,7 +37,9 @@
 # (nvidia-smi, pip build, pytest, torch) replaced by a quick stand-in that writes what the real one would (made-up
 # numbers, labelled so); times are scaled by 1/60 (a 60 s cap becomes 1 s). --dry-fail makes the named stages fail,
 # --dry-hang makes them hang until their cap. tests/test_gpu_check.py runs it in CI.
-# A rerun of some stages on the same machine: --stages build,tests_cuda_l2 --budget 200 (results of those only).
+# A full run leaves about 3 of the 15 device minutes: too few to start a fresh machine (4), so a rerun goes to the
+# still-warm one (30 s) at once, e.g. --stages build,tests_cuda_l2 --budget 170 (results of those stages only);
+# otherwise give the machine back.
 # shellcheck disable=SC2329  # the stage_*, report_* and command functions are called by name
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
