@@ -131,14 +131,17 @@ class MultiCoilMRI(LinearPhysics):
             return to_real_packed(x)
         return x.unsqueeze(1) if channel else x
 
-    def _kspace_in(self, name: str, y: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    def _kspace_in(
+        self, name: str, y: torch.Tensor, image: torch.Tensor | None = None, any_coils: bool = False
+    ) -> torch.Tensor:
+        """Complex k-space (B, C, H, W) from ``y`` in this operator's layout, C = ``num_coils`` unless ``any_coils``."""
         check_tensor(name, y)
         if self.layout == "real_packed":
             check_real(name, y, "real-packed (B, 2, C, H, W)", 5)
             y = from_real_packed(y)
         else:
             check_complex(name, y, "k-space (B, C, H, W)", 4)
-        if y.shape[1] != self.num_coils:
+        if not any_coils and y.shape[1] != self.num_coils:
             raise ValueError(
                 f"{name}: expected k-space (B, {self.num_coils}, H, W) ({self.num_coils} coils), got {describe(y)}"
             )
