@@ -238,7 +238,7 @@ def _mri_dc_step(physics, x, y, gamma, backend, ahy):
     out = mri_dc_step_op(
         img.contiguous(),
         coil_maps,
-        physics.mask,
+        physics.mask_for(img),
         y.contiguous() if ahy is None else None,
         ahy.contiguous().to(torch.complex64) if ahy is not None else None,
         g,

@@ -187,10 +187,10 @@ def _mri_prox_l2(physics, z, y, gamma, backend: str, auto: bool) -> torch.Tensor
     g = _gamma_vector(gamma, b, img.device).contiguous()
     img = img.contiguous()
     if physics.coil_maps is None:
-        out = mri_prox_l2_op(img, physics.mask, ky.contiguous(), g, backend)
+        out = mri_prox_l2_op(img, physics.mask_for(img), ky.contiguous(), g, backend)
         return physics._image_out(out, channel)
     coil_maps = physics.coil_maps.contiguous()
-    mask = physics.mask
+    mask = physics.mask_for(img)
     dims = physics.transform_dims(h, w)
     th, tw = -2 in dims, -1 in dims
     # gamma A^H y: one fused step x - gamma (A^H A x - A^H y) at x = 0 (both axes transformed: y is given).

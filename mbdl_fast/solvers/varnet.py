@@ -296,7 +296,7 @@ class VarNet(nn.Module):
         """S: the sensitivity network's estimate from ``y`` (complex (B, C, H, W)) and the mask, else the physics'."""
         if self.sens_net is None:
             return physics.coil_maps
-        return self.sens_net(y, physics.mask, num_low_frequencies)
+        return self.sens_net(y, physics.mask_for(y), num_low_frequencies)
 
     def reconstruct(
         self,
@@ -313,7 +313,7 @@ class VarNet(nn.Module):
             x0_img, _ = physics._image_in("x0", x0)
             k = self.sens_expand(x0_img, maps)
         for cascade in self.cascades:
-            k = _maybe_checkpoint(self.checkpointing, cascade, k, y, physics.mask, maps)
+            k = _maybe_checkpoint(self.checkpointing, cascade, k, y, physics.mask_for(y), maps)
         if self.output == "rss":
             return ifft2c(k).abs().square().sum(dim=1).sqrt()
         return physics._image_out(self.sens_reduce(k, maps), False)
