@@ -136,3 +136,15 @@ def test_deepinv_denoiser_as_a_deq_prior_reaches_its_fixed_point_and_trains():
         assert rel_err(model.step(z, y, physics), z) < 1e-3
     (z - x).abs().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in denoiser.parameters())
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+@pytest.mark.parametrize("name", ["gaussian", "bicubic", "bilinear"])
+def test_sr_kernels_named_as_deepinvs_filters_equal_them(name, factor):
+    n = 12 * factor
+    theirs = dinv.physics.Downsampling(img_size=(1, n, n), filter=name, factor=factor, padding="circular")
+    x = torch.rand(2, 1, n, n, generator=torch.Generator().manual_seed(factor))
+    ours = SuperResolution(name, factor)
+    y = theirs.A(x)
+    assert rel_err(ours.A(x), y) < 1e-6
+    assert rel_err(ours.A_adjoint(y), theirs.A_adjoint(y)) < 1e-6
