@@ -69,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mbdl_fast.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out)
+    evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out, tol=args.tol,
+                        max_iter=args.max_iter)  # fmt: skip
     return 0
 
 
@@ -118,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model-args", dest="model_args", help="JSON, e.g. '{\"f_max_iter\": 30}'")
     train.add_argument("--prior-args", dest="prior_args", help="JSON, e.g. '{\"width\": 32}'")
     train.add_argument("--init-prior", dest="init_prior", help="checkpoint of a pre-trained prior")
+    train.add_argument("--init-model", dest="init_model", help="checkpoint of the same DEQ whose weights start the run")
     for name, kind in (("size", int), ("coils", int), ("acceleration", float), ("center_fraction", float),
                        ("noise_std", float), ("sr_factor", int), ("cs_ratio", float), ("denoise_sigma", float),
                        ("max_train_items", int), ("max_val_items", int), ("epochs", int), ("batch_size", int),
-                       ("lr", float), ("grad_clip", float), ("seed", int)):  # fmt: skip
+                       ("lr", float), ("grad_clip", float), ("seed", int), ("jac_reg", float)):  # fmt: skip
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"])
     train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "box"])
@@ -133,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split (sharded under torchrun)")
-    ev.add_argument("checkpoint", help="checkpoint path without suffix, e.g. runs/deq/model_best")
+    ev.add_argument("checkpoint", help="checkpoint path without suffix (e.g. runs/deq/model_best) or a shipped "
+                    "model's name (e.g. deq_mri_4x)")  # fmt: skip
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=4)
-    ev.add_argument("--out", default=None, help="write the per-image numbers as JSON here")
+    ev.add_argument("--tol", type=float, default=None, help="DEQ tolerance (default: the checkpoint's own)")
+    ev.add_argument("--max-iter", dest="max_iter", type=int, default=None, help="DEQ iteration cap (default: the "
+                    "checkpoint's own)")  # fmt: skip
+    ev.add_argument("--out", default=None, help="write the setting, summary and per-image rows as JSON here")
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("prune", help="prune a checkpoint, fine-tune, report dense vs pruned at equal tolerance")
