@@ -149,7 +149,6 @@ def test_deq_jac_loss_and_warm_start():
 def test_cli_eval_takes_tolerance_and_writes_rows(tmp_path, capsys):
     from mbdl_fast.checkpoint import save_model
     from mbdl_fast.cli import main
-
     from mbdl_fast.priors import EDSR
 
     cfg = {**TrainConfig(task="mri", size=16, coils=2, max_val_items=2).__dict__}
