@@ -271,6 +271,7 @@ def finetune(
     out: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    param_groups: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place with one of SPADE's strategies; returns the history.
 
@@ -301,6 +302,9 @@ def finetune(
             registered models only); ``None`` saves nothing.
         progress: tqdm bar per epoch.
         seed: data order and the strategy's random draws (rotations, noise).
+        param_groups: extra Adam parameter groups with their own settings, e.g. SLS's priority scores
+            ``{"params": search.score_parameters(), "lr": 1e-2, "weight_decay": 0.0}``; their parameters
+            leave the main group (``lr``) and gradient clipping, and share the cosine schedule.
 
     Returns:
         ``{"history": [...], "model": model, "strategy": name, "solver": configure_solver's record or None}``;
@@ -326,14 +330,17 @@ def finetune(
         if teacher is model or {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
             raise ValueError("teacher: must be a separate frozen copy; it shares parameters with the model being tuned")
         teacher.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    own = {id(p) for group in param_groups for p in group["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     if not params:
         raise ValueError(f"model: {type(model).__name__} has no trainable parameters")
     solver = configure_solver(model, teacher, solver_options, allow_different_tolerance)
     deq = _deqs(model)[0] if solver is not None else None
 
     device = _device_of(model)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(
+        [{"params": params}, *(dict(g, params=list(g["params"])) for g in param_groups)], lr=lr
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     draws = torch.Generator().manual_seed(seed + 1)

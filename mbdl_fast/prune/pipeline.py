@@ -60,8 +60,26 @@ def _nm_step(model, nm: str | None, nm_budget: float | None, prior_shape):
         for _, prior in find_priors(model):
             apply_nm(prior, n, m)
         return None, f"{n}:{m}"
-    searches = [SLSSearch(prior, m=4, budget=nm_budget, input_shape=prior_shape) for _, prior in find_priors(model)]
+    # Fine-tuning runs tens to hundreds of steps: lambda doubles every 10 (SLS's default of 100 would barely anneal),
+    # and every layer starts dense but near the threshold (keep 0.6, not 0.9), so the scores, at their own learning
+    # rate, can reach the budget within the fine-tuning.
+    searches = [SLSSearch(prior, m=4, budget=nm_budget, input_shape=prior_shape, anneal_every=10, init_keep=0.6)
+                for _, prior in find_priors(model)]  # fmt: skip
     return searches, f"SLS budget {nm_budget:g}"
+
+
+def _finish_search(searches: list, budget: float) -> dict[str, Any]:
+    """Fix the searched N per layer (``finalize``) and say whether the MAC budget was reached."""
+    import warnings
+
+    ratios, chosen = [], {}
+    for k, search in enumerate(searches):
+        ratios.append((search.mac_ratio(), float(sum(search.dense_macs.values()))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported below, in the table, instead
+            chosen.update({f"prior{k}.{name}": n for name, n in search.finalize().items()})
+    ratio = sum(r * w for r, w in ratios) / sum(w for _, w in ratios)
+    return {"budget": budget, "mac_ratio": ratio, "reached": ratio <= budget + 1e-9, "n_per_layer": chosen}
 
 
 class _WithSearch:
@@ -134,26 +152,31 @@ def finetune_pruned(
     batch_size: int = 2,
     searches: list | None = None,
     progress: bool = True,
+    score_lr: float = 0.1,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` (a pruned model) in place by strategy ``finetune`` at the dense model's training tolerance.
 
     ``school`` uses the dense model as the frozen teacher. ``searches``: SLS N:M searches whose MAC
-    regulariser joins the loss. Returns the per-epoch history.
+    regulariser joins the loss; their priority scores train with their own learning rate ``score_lr`` (no
+    weight decay, no clipping), as SLS's search does. Returns the per-epoch history.
     """
     from mbdl_fast.finetune import finetune as run_finetune
     from mbdl_fast.finetune.strategies import make_strategy
     from mbdl_fast.train import make_dataset
 
     strategy = make_strategy(finetune)
+    groups = []
     if searches:
         strategy = _WithSearch(strategy, searches)
+        scores = [p for s in searches for p in s.score_parameters()]
+        groups = [{"params": scores, "lr": score_lr, "weight_decay": 0.0}]
     _set_solver(model, problem.train_options)
     _set_solver(problem.dense, problem.train_options)
     cfg = problem.cfg
     result = run_finetune(
         model, make_dataset(cfg, "train"), strategy, batch_to_problem=cfg, epochs=epochs, lr=lr,
         batch_size=batch_size, teacher=problem.dense if finetune == "school" else None,
-        val_dataset=make_dataset(cfg, "val"), progress=progress,
+        val_dataset=make_dataset(cfg, "val"), progress=progress, param_groups=groups,
     )  # fmt: skip
     return result["history"]
 
@@ -197,6 +220,7 @@ def prune_and_report(
     batch_size: int = 2,
     nm: str | None = None,
     nm_budget: float | None = None,
+    nm_score_lr: float = 0.1,
     tol: float = 1e-4,
     max_iter: int = 100,
     num_test: int | None = None,
@@ -212,6 +236,8 @@ def prune_and_report(
     seconds per image, all timed here at ``tol`` / ``max_iter`` (DEQs). Saves the fine-tuned model
     and a JSON report under ``out`` when given.
     """
+    if nm_budget is not None and not finetune:
+        raise ValueError("nm_budget: SLS's N:M search runs during fine-tuning; give a fine-tuning strategy too")
     problem = load_problem(checkpoint, tol, max_iter, batch_size, num_test, device)
     dense, meta = problem.dense, problem.meta
     physics0, y0, _ = problem.batches[0]
@@ -223,13 +249,17 @@ def prune_and_report(
 
     history = None
     label = None
+    nm_search = None
     if finetune or nm or nm_budget:
         tuned = copy.deepcopy(pruned)
         searches = None
         if nm or nm_budget:
             searches, label = _nm_step(tuned, nm, nm_budget, problem.prior_shape)
         if finetune:
-            history = finetune_pruned(problem, tuned, finetune, epochs, lr, batch_size, searches, progress)
+            history = finetune_pruned(problem, tuned, finetune, epochs, lr, batch_size, searches, progress,
+                                      score_lr=nm_score_lr)  # fmt: skip
+        if searches:
+            nm_search = _finish_search(searches, nm_budget)
         name = f"fine-tuned ({finetune})" if finetune else "pruned"
         models[name + (f" + {label}" if label else "")] = tuned
 
@@ -265,6 +295,7 @@ def prune_and_report(
         "epochs": epochs,
         "nm": nm,
         "nm_budget": nm_budget,
+        "nm_search": nm_search,
         "eval_solver": problem.eval_options,
         "finetune_solver": problem.train_options,
         "test_images": sum(y.shape[0] for _, y, _ in problem.batches),
@@ -306,6 +337,11 @@ def format_table(result: dict[str, Any]) -> str:
         )
         if "nm_effective_macs" in r:
             lines.append(f"{'':<34}N:M effective GMACs {r['nm_effective_macs'] / 1e9:.3f} (no speed-up on CPU)")
+    search = s.get("nm_search")
+    if search:
+        verdict = "reached" if search["reached"] else "NOT reached: more epochs, or a larger score learning rate"
+        lines.append(f"SLS N:M search: MAC ratio {search['mac_ratio']:.3f} of the searched layers, budget "
+                     f"{search['budget']:g}: {verdict}")  # fmt: skip
     unconverged = [r["model"] for r in result["rows"] if r.get("converged") is not None and r["converged"] < 1]
     if unconverged:
         lines.append(f"WARNING: not every image converged for {', '.join(unconverged)}: those rows are capped "
