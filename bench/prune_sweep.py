@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--round-to", dest="round_to", type=int, default=4)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", dest="max_iter", type=int, default=100)
+    parser.add_argument("--jac-reg", dest="jac_reg", type=float, default=0.0, help="DEQ Jacobian regulariser weight")
+    parser.add_argument("--time-images", dest="time_images", type=int, default=None,
+                        help="time on the first N test images only (quality always on all)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="timing passes over the test split (median)")
     parser.add_argument("--strategy-budget", dest="strategy_budget", default="{}",
                         help='JSON per strategy overriding epochs / lr, e.g. \'{"self_supervised": {"epochs": 20}}\'')  # fmt: skip
@@ -65,7 +68,7 @@ def main() -> None:
 
 def _settings(args) -> dict:
     return {"model": args.model, "epochs": args.epochs, "lr": args.lr, "round_to": args.round_to,
-            "budget": json.loads(args.strategy_budget),
+            "budget": json.loads(args.strategy_budget), "jac_reg": args.jac_reg,
             "solver": {"f_tol": args.tol, "f_max_iter": args.max_iter}}  # fmt: skip
 
 
@@ -105,7 +108,7 @@ def _train_phase(problem, report: dict, args, out: Path, models_dir: Path) -> No
         for strategy in strategies:
             tuned = copy.deepcopy(pruned)
             epochs, lr = _budget(args, strategy)
-            history = finetune_pruned(problem, tuned, strategy, epochs, lr, progress=False)
+            history = finetune_pruned(problem, tuned, strategy, epochs, lr, progress=False, jac_reg=args.jac_reg)
             row = {"strategy": strategy, "ratio": ratio, "widths": _widths(tuned), "epochs": epochs, "lr": lr,
                    "one_shot": one_shot, "tuned": measure(problem, tuned, dense_rows), "history": history}  # fmt: skip
             save_model(tuned, _model_dir(models_dir, ratio, strategy),
@@ -132,11 +135,13 @@ def _time_phase(problem, report: dict, args, out: Path, models_dir: Path) -> Non
         key = f"r{row['ratio']:.2f}_{row['strategy']}"
         models[key] = load_model(_model_dir(models_dir, row["ratio"], row["strategy"]), map_location=problem.device)
     started = time.perf_counter()
-    seconds = time_models(problem, models, repeats=args.repeats)
+    batch = problem.batches[0][2].shape[0]
+    num_batches = None if args.time_images is None else max(1, args.time_images // batch)
+    seconds = time_models(problem, models, repeats=args.repeats, num_batches=num_batches)
     report["timing"] = {
         **machine(),
         "repeats": args.repeats,
-        "test_images": sum(y.shape[0] for _, y, _ in problem.batches),
+        "test_images": sum(y.shape[0] for _, y, _ in problem.batches[:num_batches]),
         "seconds": time.perf_counter() - started,
         "seconds_per_image": seconds,
     }

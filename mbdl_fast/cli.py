@@ -79,7 +79,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     result = prune_and_report(
         args.checkpoint, args.ratio, importance=args.importance, finetune=args.finetune, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, nm=args.nm, nm_budget=args.nm_budget, nm_score_lr=args.nm_score_lr, tol=args.tol,
+        lr=args.lr, batch_size=args.batch_size, nm=args.nm, nm_budget=args.nm_budget, nm_score_lr=args.nm_score_lr, jac_reg=args.jac_reg, tol=args.tol,
         max_iter=args.max_iter, num_test=args.num_test, out=args.out, progress=not args.quiet,
     )  # fmt: skip
     print(format_table(result))
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", dest="batch_size", type=int, default=2)
     pr.add_argument("--nm", default=None, help="one-shot N:M masks after channel pruning, e.g. 2:4")
     pr.add_argument("--nm-budget", dest="nm_budget", type=float, default=None, help="SLS N:M search MAC budget")
+    pr.add_argument("--jac-reg", dest="jac_reg", type=float, default=0.0,
+                    help="DEQ: weight of the Jacobian regulariser during fine-tuning (keeps the pruned DEQ converging)")  # fmt: skip
     pr.add_argument("--nm-score-lr", dest="nm_score_lr", type=float, default=0.1,
                     help="learning rate of the SLS priority scores (their own Adam group)")  # fmt: skip
     pr.add_argument("--tol", type=float, default=1e-4, help="DEQ tolerance for every timed row (default 1e-4)")

@@ -272,6 +272,7 @@ def finetune(
     progress: bool = True,
     seed: int = 0,
     param_groups: Sequence[dict[str, Any]] = (),
+    jac_reg: float = 0.0,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place with one of SPADE's strategies; returns the history.
 
@@ -302,6 +303,9 @@ def finetune(
             registered models only); ``None`` saves nothing.
         progress: tqdm bar per epoch.
         seed: data order and the strategy's random draws (rotations, noise).
+        jac_reg: DEQ models: weight of the Jacobian regulariser ``DEQ.jacobian_penalty`` (||dT/dz||_F^2 / n at the
+            last fixed point, Bai et al. 2021) added to every strategy's loss, so a pruned DEQ stays contractive
+            and converges at the tolerance it was trained for; reported as ``train_jac``.
         param_groups: extra Adam parameter groups with their own settings, e.g. SLS's priority scores
             ``{"params": search.score_parameters(), "lr": 1e-2, "weight_decay": 0.0}``; their parameters
             leave the main group (``lr``) and gradient clipping, and share the cosine schedule.
@@ -336,6 +340,10 @@ def finetune(
         raise ValueError(f"model: {type(model).__name__} has no trainable parameters")
     solver = configure_solver(model, teacher, solver_options, allow_different_tolerance)
     deq = _deqs(model)[0] if solver is not None else None
+    if not (isinstance(jac_reg, (int, float)) and math.isfinite(jac_reg) and jac_reg >= 0):
+        raise ValueError(f"jac_reg: expected a finite number >= 0, got {jac_reg!r}")
+    if jac_reg > 0 and deq is None:
+        raise ValueError(f"jac_reg: the Jacobian regulariser needs a DEQ model, got {type(model).__name__}")
 
     device = _device_of(model)
     optimizer = torch.optim.Adam(
@@ -358,6 +366,9 @@ def finetune(
         for batch in bar:
             physics, y, target = to_problem(batch, device)
             parts = strategy(model, physics, y, target if strategy.needs_target else None, teacher, generator=draws)
+            if jac_reg > 0:
+                parts = dict(parts, jac=sum(d.jacobian_penalty() for d in _deqs(model)))
+                parts["loss"] = parts["loss"] + jac_reg * parts["jac"]
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             if grad_clip:

@@ -153,12 +153,14 @@ def finetune_pruned(
     searches: list | None = None,
     progress: bool = True,
     score_lr: float = 0.1,
+    jac_reg: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` (a pruned model) in place by strategy ``finetune`` at the dense model's training tolerance.
 
     ``school`` uses the dense model as the frozen teacher. ``searches``: SLS N:M searches whose MAC
     regulariser joins the loss; their priority scores train with their own learning rate ``score_lr`` (no
-    weight decay, no clipping), as SLS's search does. Returns the per-epoch history.
+    weight decay, no clipping), as SLS's search does. ``jac_reg``: weight of the DEQ Jacobian regulariser (see
+    ``mbdl_fast.finetune``). Returns the per-epoch history.
     """
     from mbdl_fast.finetune import finetune as run_finetune
     from mbdl_fast.finetune.strategies import make_strategy
@@ -176,7 +178,7 @@ def finetune_pruned(
     result = run_finetune(
         model, make_dataset(cfg, "train"), strategy, batch_to_problem=cfg, epochs=epochs, lr=lr,
         batch_size=batch_size, teacher=problem.dense if finetune == "school" else None,
-        val_dataset=make_dataset(cfg, "val"), progress=progress, param_groups=groups,
+        val_dataset=make_dataset(cfg, "val"), progress=progress, param_groups=groups, jac_reg=jac_reg,
     )  # fmt: skip
     return result["history"]
 
@@ -200,13 +202,14 @@ def measure(
 
 
 def time_models(
-    problem: PruneProblem, models: dict[str, torch.nn.Module | None], repeats: int = 5
+    problem: PruneProblem, models: dict[str, torch.nn.Module | None], repeats: int = 5, num_batches: int | None = None
 ) -> dict[str, dict[str, float]]:
-    """Seconds per test image of each model (median, min, max), all at the evaluation tolerance, round-robin."""
+    """Seconds per test image of each model (median, min, max), all at the evaluation tolerance, round-robin,
+    over the first ``num_batches`` test batches (default all)."""
     for model in models.values():
         if model is not None:
             _set_solver(model, problem.eval_options)
-    return time_round_robin(models, problem.batches, repeats)
+    return time_round_robin(models, problem.batches[:num_batches], repeats)
 
 
 def prune_and_report(
@@ -221,6 +224,7 @@ def prune_and_report(
     nm: str | None = None,
     nm_budget: float | None = None,
     nm_score_lr: float = 0.1,
+    jac_reg: float = 0.0,
     tol: float = 1e-4,
     max_iter: int = 100,
     num_test: int | None = None,
@@ -257,7 +261,7 @@ def prune_and_report(
             searches, label = _nm_step(tuned, nm, nm_budget, problem.prior_shape)
         if finetune:
             history = finetune_pruned(problem, tuned, finetune, epochs, lr, batch_size, searches, progress,
-                                      score_lr=nm_score_lr)  # fmt: skip
+                                      score_lr=nm_score_lr, jac_reg=jac_reg)  # fmt: skip
         if searches:
             nm_search = _finish_search(searches, nm_budget)
         name = f"fine-tuned ({finetune})" if finetune else "pruned"
@@ -293,6 +297,8 @@ def prune_and_report(
         "round_to": round_to,
         "finetune": finetune,
         "epochs": epochs,
+        "lr": lr,
+        "jac_reg": jac_reg,
         "nm": nm,
         "nm_budget": nm_budget,
         "nm_search": nm_search,

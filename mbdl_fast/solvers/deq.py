@@ -159,6 +159,7 @@ class DEQ(nn.Module):
         self.configure(**solver_options)
         self.last_info: dict = {}
         self.last_backward_info: dict = {}
+        self._last_solve: tuple | None = None  # (z*, physics, A^H y) of the last forward with autograd on
 
     def _register(self, name: str, value: torch.Tensor, learn: bool) -> None:
         if learn:
@@ -276,6 +277,7 @@ class DEQ(nn.Module):
                 check_finite("x0", x0)
         z_star, info = self.fixed_point(y, physics, x0=x0, AHy=AHy.detach())
         self.last_info = info
+        self._last_solve = (z_star, physics, AHy.detach()) if torch.is_grad_enabled() else None
         if jac_loss and not torch.is_grad_enabled():
             raise RuntimeError("jac_loss: the Jacobian estimate needs autograd; call with gradients enabled")
         if self.solver_options["backward"] == "implicit" and torch.is_grad_enabled():
@@ -311,6 +313,16 @@ class DEQ(nn.Module):
 
         out.register_hook(adjoint)
         return out
+
+    def jacobian_penalty(self) -> torch.Tensor:
+        """``jacobian_frobenius_estimate`` of T at the fixed point of the last forward call run with autograd:
+        a differentiable ||dT/dz (z*)||_F^2 / n for a training loss whose forward calls are not this module's own
+        (e.g. a fine-tuning strategy)."""
+        if self._last_solve is None:
+            raise RuntimeError("jacobian_penalty: no forward call with autograd enabled since the last inference")
+        z_star, physics, AHy = self._last_solve
+        z = z_star.detach().requires_grad_()
+        return jacobian_frobenius_estimate(self._operator(z, physics, AHy, self.alpha, self.gamma), z)
 
     # -- configs ----------------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
