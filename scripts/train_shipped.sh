@@ -58,7 +58,7 @@ if want 9; then
   log "9/9 deq_sr_2x made to converge, as step 7, from step 5"
   mbdl-fast train --task sr --model deq --prior edsr --prior-args '{"width": 32, "num_blocks": 8}' \
     --init-model "$OUT/deq_sr_2x/model_best" --model-args "$DEQ_CONVERGE" --size 64 --sr-factor 2 --sr-kernel bicubic \
-    --batch-size 4 --epochs SR_EPOCHS --lr 1e-4 --jac-reg 0.05 --out "$OUT/deq_sr_2x_converged" --quiet
+    --batch-size 4 --epochs 6 --lr 1e-4 --jac-reg 0.05 --out "$OUT/deq_sr_2x_converged" --quiet
 fi
 
 if want 6; then
