@@ -70,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mbdl_fast.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out, tol=args.tol,
-                        max_iter=args.max_iter)  # fmt: skip
+                        max_iter=args.max_iter, compare=args.compare)  # fmt: skip
     return 0
 
 
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-iter", dest="max_iter", type=int, default=None, help="DEQ iteration cap (default: the "
                     "checkpoint's own)")  # fmt: skip
     ev.add_argument("--out", default=None, help="write the setting, summary and per-image rows as JSON here")
+    ev.add_argument("--compare", default=None, help="another model's --out JSON (e.g. the dense model's): print the "
+                    "paired dPSNR / dSSIM with 95%% confidence intervals and the speed ratio")  # fmt: skip
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("prune", help="prune a checkpoint, fine-tune, report dense vs pruned at equal tolerance")

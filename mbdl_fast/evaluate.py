@@ -39,6 +39,7 @@ from mbdl_fast.timing import synchronize
 __all__ = [
     "Batch",
     "configure_solver",
+    "compare_to",
     "evaluate_checkpoint",
     "evaluate_model",
     "evaluate_rows",
@@ -265,6 +266,23 @@ def format_solver(setting: dict[str, Any]) -> str:
     return f"tol {setting['f_tol']:g}, cap {setting['f_max_iter']}" if setting else ""
 
 
+def compare_to(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Paired dPSNR / dSSIM of ``result`` against ``reference`` (both ``evaluate_checkpoint`` results, e.g. pruned
+    against dense) and the ratio of their mean seconds per image; refuses results that are not comparable (other
+    split, other test images, other DEQ tolerance or cap)."""
+    for key in ("split", "solver"):
+        if reference.get(key) != result.get(key) and (key != "solver" or (reference[key] and result[key])):
+            raise ValueError(f"compare: reference {key} {reference.get(key)!r} differs from this run's "
+                             f"{result.get(key)!r}; compare models at the same split and tolerance")  # fmt: skip
+    rows, ref = result["rows"], reference["rows"]
+    return {
+        "reference": reference.get("checkpoint"),
+        "dpsnr": paired_difference(rows, ref, "psnr"),
+        "dssim": paired_difference(rows, ref, "ssim"),
+        "speedup": reference["summary"]["seconds_per_image"] / result["summary"]["seconds_per_image"],
+    }
+
+
 def evaluate_checkpoint(
     path: str,
     split: str = "test",
@@ -272,11 +290,14 @@ def evaluate_checkpoint(
     out: str | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
+    compare: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (a path without suffix, or a shipped model's name) on ``split`` of its own task.
 
     DEQs run at ``tol`` / ``max_iter`` where given, else at the tolerance stored in the checkpoint; the
     setting used is printed and saved. ``out``: JSON with the setting, the summary and the per-image rows.
+    ``compare``: the JSON ``out`` of another model's evaluation (e.g. the dense one): prints and saves the
+    paired differences against it (``compare_to``).
     """
     import os
 
@@ -300,6 +321,8 @@ def evaluate_checkpoint(
     summary = summarise(rows)
     result = {"checkpoint": str(path), "split": split, "solver": setting, "machine": machine(), "summary": summary,
               "rows": rows}  # fmt: skip
+    if compare:
+        result["comparison"] = compare_to(result, json.loads(Path(compare).read_text()))
     if not dist.is_initialized() or dist.get_rank() == 0:
         solver = f", DEQ {format_solver(setting)}" if setting else ""
         print(f"{path} on {split} ({summary['images']} images, {cfg.task}, device {device}{solver}):")
@@ -311,6 +334,12 @@ def evaluate_checkpoint(
         if summary["converged"] is not None and summary["converged"] < 1:
             print(f"  WARNING: {1 - summary['converged']:.0%} of the images stopped at the cap of "
                   f"{setting['f_max_iter']} iterations: their rows are not equilibrium results")  # fmt: skip
+        if compare:
+            c = result["comparison"]
+            d, e = c["dpsnr"], c["dssim"]
+            print(f"  vs {c['reference']} ({d['n']} paired images): dPSNR {d['mean']:+.3f} dB "
+                  f"[95% CI {d['ci_low']:+.3f}, {d['ci_high']:+.3f}], dSSIM {e['mean']:+.4f} "
+                  f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}], {c['speedup']:.2f}x its time per image")  # fmt: skip
         if out:
             Path(out).write_text(json.dumps(result, indent=2))
     return result

@@ -165,3 +165,30 @@ def test_cli_eval_takes_tolerance_and_writes_rows(tmp_path, capsys):
     assert saved["solver"] == {"f_tol": 1e-3, "f_max_iter": 7}
     assert len(saved["rows"]) == 2
     assert set(saved["rows"][0]) >= {"psnr", "ssim", "iterations", "converged", "seconds"}
+
+
+def test_cli_eval_compares_paired_with_a_reference_run(tmp_path, capsys):
+    from mbdl_fast.checkpoint import save_model
+    from mbdl_fast.cli import main
+    from mbdl_fast.priors import EDSR
+
+    cfg = {**TrainConfig(task="mri", size=16, coils=2, max_val_items=3).__dict__}
+    for name, scale in (("a", 0.1), ("b", 0.05)):
+        torch.manual_seed(0)
+        prior = EDSR(2, 2, width=4, num_blocks=1)
+        with torch.no_grad():
+            for p in prior.parameters():
+                p.mul_(scale)
+        save_model(DEQ(prior, alpha=0.5), tmp_path / name, metadata={"config": cfg})
+    common = ["--tol", "1e-3", "--max-iter", "50"]
+    assert main(["eval", str(tmp_path / "a"), *common, "--out", str(tmp_path / "a_eval.json")]) == 0
+    assert main(["eval", str(tmp_path / "b"), *common, "--out", str(tmp_path / "b_eval.json"),
+                 "--compare", str(tmp_path / "a_eval.json")]) == 0  # fmt: skip
+    assert "dPSNR" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f"{n}_eval.json").read_text()) for n in "ab")
+    c = b["comparison"]
+    expected = sum(rb["psnr"] - ra["psnr"] for ra, rb in zip(a["rows"], b["rows"], strict=True)) / 3
+    assert abs(c["dpsnr"]["mean"] - expected) < 1e-9 and c["dpsnr"]["n"] == 3
+    assert c["dpsnr"]["ci_low"] <= c["dpsnr"]["mean"] <= c["dpsnr"]["ci_high"]
+    with pytest.raises(ValueError, match="same split and tolerance"):
+        main(["eval", str(tmp_path / "b"), "--tol", "1e-2", "--compare", str(tmp_path / "a_eval.json")])
