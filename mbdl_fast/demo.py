@@ -71,17 +71,22 @@ def run_demo(
     physics, kspace, target = prepare_batch(cfg, batch, device)
 
     recons: dict[str, tuple[torch.Tensor, float, float | None]] = {}
+    converged: dict[str, float] = {}  # DEQ rows: the fraction of images that reached the tolerance
     with torch.no_grad():
         zf, t = _timed(lambda: physics.A_adjoint(kspace), device)
         recons["zero-filled"] = (zf, t, None)
         (cg, info), t = _timed(lambda: conjugate_gradient(physics.A_adjoint_A, zf, tol=1e-5, max_iter=cg_iterations),
                                device)  # fmt: skip
         recons["CG-SENSE"] = (cg, t, float(info["iterations"]))
-        for name, model in ((f"DEQ (tol {DEQ_TOL:g})", deq), (f"DEQ pruned 50% (tol {DEQ_TOL:g})", deq_pruned)):
+        for name, model in (
+            (f"DEQ (tol {DEQ_TOL:g}, cap {DEQ_MAX_ITER})", deq),
+            (f"DEQ pruned 50% (tol {DEQ_TOL:g}, cap {DEQ_MAX_ITER})", deq_pruned),
+        ):
             if model is not None:
                 x, t = _timed(lambda model=model: model(kspace, physics), device)
                 iters = model.last_info["iterations_per_sample"].float().mean().item()
                 recons[name] = (x, t, iters)
+                converged[name] = model.last_info["converged"].float().mean().item()
         if varnet is not None:
             x, t = _timed(lambda: varnet(kspace, physics), device)
             recons["DU (VarNet)"] = (x, t, float(varnet.num_cascades))
@@ -91,15 +96,20 @@ def run_demo(
         mag, ref = image.abs(), target.abs()
         rows.append({"method": name, "psnr": float(psnr(mag, ref)), "ssim": float(ssim(mag, ref)),
                      "nmse": float(nmse(mag, ref)), "iterations": iterations,
-                     "seconds_per_image": seconds / n})  # fmt: skip
+                     "converged": converged.get(name), "seconds_per_image": seconds / n})  # fmt: skip
     b, c, h, w = kspace.shape
     header = (f"{n} shipped test brain slices {h}x{w}, {c} coils, {cfg.mask_type} mask {cfg.acceleration:g}x "
               f"(keeps {float(physics.mask.mean()):.1%}), device {device}")  # fmt: skip
-    lines = [header, f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'s/image':>10}"]
+    lines = [header, f"{'method':<34}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'converged':>11}{'s/image':>10}"]
     for r in rows:
         iters = f"{r['iterations']:.1f}" if r["iterations"] is not None else "-"
-        lines.append(f"{r['method']:<28}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}"
+        conv = f"{round(r['converged'] * n)}/{n}" if r["converged"] is not None else "-"
+        lines.append(f"{r['method']:<34}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}{conv:>11}"
                      f"{r['seconds_per_image']:>10.3f}")  # fmt: skip
+    for r in rows:
+        if r["converged"] is not None and r["converged"] < 1:
+            lines.append(f"WARNING: {r['method']}: {round((1 - r['converged']) * n)} of {n} images stopped at the cap "
+                         f"of {DEQ_MAX_ITER} iterations before reaching tol {DEQ_TOL:g}: not an equilibrium result")  # fmt: skip
     table = "\n".join(lines + notes)
 
     out_dir = Path(out_dir)
