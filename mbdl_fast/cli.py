@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("size", int), ("coils", int), ("acceleration", float), ("center_fraction", float),
                        ("noise_std", float), ("sr_factor", int), ("cs_ratio", float), ("denoise_sigma", float),
                        ("max_train_items", int), ("max_val_items", int), ("epochs", int), ("batch_size", int),
-                       ("lr", float), ("grad_clip", float), ("seed", int), ("jac_reg", float)):  # fmt: skip
+                       ("lr", float), ("grad_clip", float), ("seed", int), ("jac_reg", float),
+                       ("slow_reg", float)):  # fmt: skip
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"])
     train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "box"])

@@ -38,6 +38,8 @@ TASKS = ("mri", "sr", "block-cs", "denoise")
 #: The MRI test split repeats each of the 7 test slices under this many independent mask / coil / phase draws
 #: (42 images), enough for a paired 95 % confidence interval of a 0.1 dB difference (mbdl_fast.evaluate).
 TEST_DRAWS = 6
+#: slow_reg's hinge: gains of T along its slowest mode above this are penalised
+SLOW_GAIN_TARGET = 0.9
 #: Crops per split for the image tasks (SR, block CS): 40 test crops for the same reason.
 _CROPS = {"train": 64, "val": 8, "test": 40}
 MODELS = ("deq", "du", "varnet", "recursion", "edsr", "dncnn", "unet")
@@ -75,6 +77,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     # DEQ only: weight of the Jacobian regulariser ||dT/dz (z*)||_F^2 / n (Hutchinson, one probe) in the loss
     jac_reg: float = 0.0
+    # DEQ only: weight of the hinge mean(relu(g - 0.9)) on T's gain g along the solver's slowest mode (DEQ slow_gain)
+    slow_reg: float = 0.0
     seed: int = 0
     out: str = "runs/train"
     resume: bool = False
@@ -102,7 +106,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
         if not (isinstance(self.jac_reg, (int, float)) and math.isfinite(self.jac_reg) and self.jac_reg >= 0):
             raise ValueError(f"jac_reg: expected a finite number >= 0, got {self.jac_reg!r}")
-        if self.jac_reg > 0 and self.model != "deq":
+        if not (isinstance(self.slow_reg, (int, float)) and math.isfinite(self.slow_reg) and self.slow_reg >= 0):
+            raise ValueError(f"slow_reg: expected a finite number >= 0, got {self.slow_reg!r}")
+        if (self.jac_reg > 0 or self.slow_reg > 0) and self.model != "deq":
             raise ValueError(f"jac_reg: the Jacobian regulariser is for DEQ models, got model {self.model!r}")
 
 
@@ -377,15 +383,17 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         model.train()
-        started, losses, jac_losses, iterations = time.perf_counter(), [], [], []
+        started, losses, jac_losses, iterations, gains = time.perf_counter(), [], [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
         for batch in bar:
             physics, model_input, target = prepare_batch(cfg, batch, device, noise_gen)
-            if cfg.jac_reg > 0:
+            if cfg.jac_reg > 0 or cfg.slow_reg > 0:
                 out, info = model(model_input, physics, return_info=True, jac_loss=True)
                 jac_losses.append(info["jac_loss"].item())
+                gains.append(info["slow_gain"].max().item())
                 iterations.append(float(info["iterations"]))
-                loss = _loss(cfg, out, target) + cfg.jac_reg * info["jac_loss"]
+                slow = torch.relu(info["slow_gain"] - SLOW_GAIN_TARGET).mean()
+                loss = _loss(cfg, out, target) + cfg.jac_reg * info["jac_loss"] + cfg.slow_reg * slow
             else:
                 loss = _loss(cfg, reconstruct(model, physics, model_input), target)
             optimizer.zero_grad(set_to_none=True)
@@ -408,12 +416,17 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         if jac_losses:
             record["jac_loss"] = sum(jac_losses) / len(jac_losses)
             record["train_iterations"] = sum(iterations) / len(iterations)
+            record["slow_gain"] = sum(gains) / len(gains)
         history.append(record)
         if rank == 0:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4g}, val PSNR {metrics['psnr']:.2f} dB, "
                 f"SSIM {metrics['ssim']:.4f} ({record['seconds']:.1f} s)"
-                + (f", jac {record['jac_loss']:.3g}, {record['train_iterations']:.1f} it." if jac_losses else "")
+                + (
+                    f", jac {record['jac_loss']:.3g}, gain {record['slow_gain']:.3f}, {record['train_iterations']:.1f} it."
+                    if jac_losses
+                    else ""
+                )
                 + (
                     f", val {metrics['iterations']:.1f} it., {metrics['converged']:.0%} converged"
                     if "iterations" in metrics

@@ -256,7 +256,9 @@ class DEQ(nn.Module):
             jac_loss: also put in ``info["jac_loss"]`` a differentiable Hutchinson estimate of
                 ||dT/dz (z*)||_F^2 / n (Bai et al. 2021, torchdeq's ``jac_reg``): E_v ||v^H dT/dz||^2 / n with
                 v ~ N(0, I), one probe; adding ``weight * jac_loss`` to a training loss keeps T contractive
-                around its fixed points, so the solver converges in fewer iterations.
+                around its fixed points, so the solver converges in fewer iterations. Also ``info["slow_gain"]``:
+                (B,) gains of T along the solver's last residual direction (``_slow_gain``), for a hinge such as
+                ``relu(slow_gain - 0.9)`` on the slowest mode.
 
         Returns:
             x shaped like A^H y, or ``(x, info)``.
@@ -286,6 +288,7 @@ class DEQ(nn.Module):
             z = z_star.detach().requires_grad_()
             out = self._operator(z, physics, AHy, self.alpha, self.gamma)
             info["jac_loss"] = jacobian_frobenius_estimate(out, z)
+            info["slow_gain"] = self._slow_gain(z_star, out, physics, AHy)
         else:
             out = self._operator(z_star, physics, AHy, self.alpha, self.gamma)
         return (out, info) if return_info else out
@@ -313,6 +316,23 @@ class DEQ(nn.Module):
 
         out.register_hook(adjoint)
         return out
+
+    def _slow_gain(self, z_star: torch.Tensor, fz: torch.Tensor, physics: nn.Module, AHy: torch.Tensor) -> torch.Tensor:
+        """Per-sample gain ||T(z* + d) - T(z*)|| / ||d|| along d = the solver's last residual T(z*) - z*, scaled to
+        1e-3 ||z*||: (B,), differentiable in the parameters.
+
+        After many iterations the residual is dominated by the slowest mode of the iteration, so this is a
+        finite-difference estimate of the Jacobian's gain where convergence is slowest (a gain near 1 is what
+        leaves a solve at its cap), which a Frobenius-norm estimate averages away.
+        """
+        dims = tuple(range(1, z_star.dim()))
+        r = (fz.detach() - z_star).to(z_star.dtype)
+        r_norm = torch.linalg.vector_norm(r, dim=dims, keepdim=True).clamp_min(torch.finfo(r.real.dtype).tiny)
+        z_norm = torch.linalg.vector_norm(z_star, dim=dims, keepdim=True)
+        d = r / r_norm * (1e-3 * z_norm)
+        shifted = self._operator(z_star + d, physics, AHy, self.alpha, self.gamma)
+        diff = torch.linalg.vector_norm(shifted - fz, dim=dims)
+        return diff / torch.linalg.vector_norm(d, dim=dims).clamp_min(torch.finfo(diff.dtype).tiny)
 
     def jacobian_penalty(self) -> torch.Tensor:
         """``jacobian_frobenius_estimate`` of T at the fixed point of the last forward call run with autograd:
