@@ -115,35 +115,60 @@ def run_demo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = out_dir / "demo.png"
-    _figure(target, recons, rows, figure)
+    plot_reconstructions(target, {name: image for name, (image, _, _) in recons.items()}, physics.mask, figure)
     result = {"setting": header, "rows": rows, "notes": notes}
     json_path = out_dir / "demo.json"
     json_path.write_text(json.dumps(result, indent=2))
     return {**result, "table": table, "figure": str(figure), "json": str(json_path)}
 
 
-def _figure(target: torch.Tensor, recons: dict, rows: list[dict], path: Path) -> None:
+def plot_reconstructions(
+    target: torch.Tensor, images: dict[str, torch.Tensor], mask: torch.Tensor, path: Path, index: int = 0
+) -> dict[str, tuple[float, float]]:
+    """A PNG of image ``index``: the reference, each reconstruction with its own PSNR / SSIM, the magnitude
+    error maps ||x| - |target||, and the sampling mask, each with a colour bar.
+
+    Args:
+        target: the reference, complex or real ``(B, H, W)``.
+        images: reconstructions by method name, each ``(B, H, W)`` like ``target``.
+        mask: the sampling mask, broadcastable to ``(B, 1, H, W)`` (e.g. ``(B, 1, 1, W)`` or ``(1, W)``).
+        path: the PNG file to write.
+        index: which image of the batch to show; the titles quote that image's numbers, not the batch mean.
+
+    Returns:
+        the (PSNR, SSIM) of image ``index`` per method, as the titles print them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = target[0].abs().cpu().numpy()
+    ref = target[index : index + 1].abs()
+    height, width = ref.shape[-2:]
+    sampled = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    sampled = sampled[min(index, sampled.shape[0] - 1), 0].expand(height, width).cpu().numpy()
     vmax = float(ref.max())
-    cols = 1 + len(recons)
-    fig, axes = plt.subplots(2, cols, figsize=(2.8 * cols, 6.2))
-    axes[0, 0].imshow(ref, cmap="gray", vmin=0, vmax=vmax)
-    axes[0, 0].set_title("ground truth")
-    axes[1, 0].axis("off")
-    for k, ((name, (image, _, _)), row) in enumerate(zip(recons.items(), rows, strict=True), start=1):
-        mag = image[0].abs().cpu().numpy()
-        axes[0, k].imshow(mag, cmap="gray", vmin=0, vmax=vmax)
-        axes[0, k].set_title(f"{name}\n{row['psnr']:.2f} dB", fontsize=9)
-        axes[1, k].imshow(abs(mag - ref), cmap="magma", vmin=0, vmax=0.2 * vmax)
-        axes[1, k].set_title("|error| x5", fontsize=9)
+    cols = 1 + len(images)
+    fig, axes = plt.subplots(2, cols, figsize=(3.3 * cols, 6.4), squeeze=False)
+
+    def show(ax, picture, title: str, cmap: str, vmax_: float) -> None:
+        artist = ax.imshow(picture, cmap=cmap, vmin=0, vmax=vmax_)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.03)
+
+    show(axes[0, 0], ref[0].cpu().numpy(), "reference", "gray", vmax)
+    show(axes[1, 0], sampled, f"mask ({sampled.mean():.1%} of k-space)", "gray", 1.0)
+    quality = {}
+    for k, (name, image) in enumerate(images.items(), start=1):
+        mag = image[index : index + 1].abs()
+        quality[name] = (float(psnr(mag, ref)), float(ssim(mag, ref)))
+        title = f"{name}\n{quality[name][0]:.2f} dB, SSIM {quality[name][1]:.3f}"
+        show(axes[0, k], mag[0].cpu().numpy(), title, "gray", vmax)
+        show(axes[1, k], (mag - ref)[0].abs().cpu().numpy(), "|error| (scale: 20% of max)", "magma", 0.2 * vmax)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return quality
