@@ -93,13 +93,15 @@ def markdown(summary: dict) -> str:
         lines += [
             f"### {kind} ladder ({stop})",
             "",
-            "| rung | model | DC | median ms | iters (run) | ms / iter | PSNR dB | Δ dB | vs dense eager | vs previous |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| rung | model | DC | median ms | iters (run) | converged | ms / iter | PSNR dB | Δ dB | vs dense eager | "
+            "vs previous |",
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             iters = f"{r['iterations']:.1f} ({r['evaluations']})"
             lines.append(
                 f"| {r['rung']} | {r['model']} | {r['dc_backend']} | {r['seconds'] * 1e3:.1f} | {iters} | "
+                f"{ {True: 'all', False: 'NO', None: '-'}[r.get('converged')] } | "
                 f"{r['ms_per_iteration']:.1f} | {r['psnr']:.2f} | {_fmt(r['psnr_change_db'], '+.2f')} | "
                 f"{_fmt(r['speedup_vs_dense'], '.2f')}x | {_fmt(r['speedup_vs_previous'], '.2f')}x |"
             )

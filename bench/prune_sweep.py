@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mbdl_fast.checkpoint import load_model, save_model
+from mbdl_fast.evaluate import machine
 from mbdl_fast.prune.channels import prune_channels
 from mbdl_fast.prune.pipeline import finetune_pruned, load_problem, measure, time_models
 from mbdl_fast.weights import weights_path
@@ -42,7 +42,12 @@ def main() -> None:
     parser.add_argument("--round-to", dest="round_to", type=int, default=4)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", dest="max_iter", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3, help="timing passes over the test split (median)")
+    parser.add_argument("--jac-reg", dest="jac_reg", type=float, default=0.0, help="DEQ Jacobian regulariser weight")
+    parser.add_argument("--time-images", dest="time_images", type=int, default=None,
+                        help="time on the first N test images only (quality always on all)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=5, help="timing passes over the test split (median)")
+    parser.add_argument("--strategy-budget", dest="strategy_budget", default="{}",
+                        help='JSON per strategy overriding epochs / lr, e.g. \'{"self_supervised": {"epochs": 20}}\'')  # fmt: skip
     parser.add_argument("--model", default="deq_mri_4x")
     parser.add_argument("--models", default="runs/prune_sweep", help="where the fine-tuned models are saved")
     parser.add_argument("--out", default="bench/results/prune_sweep_cpu")
@@ -63,7 +68,14 @@ def main() -> None:
 
 def _settings(args) -> dict:
     return {"model": args.model, "epochs": args.epochs, "lr": args.lr, "round_to": args.round_to,
+            "budget": json.loads(args.strategy_budget), "jac_reg": args.jac_reg,
             "solver": {"f_tol": args.tol, "f_max_iter": args.max_iter}}  # fmt: skip
+
+
+def _budget(args, strategy: str) -> tuple[int, float]:
+    """(epochs, lr) of ``strategy``: the sweep's, unless --strategy-budget gives it its own."""
+    own = json.loads(args.strategy_budget).get(strategy, {})
+    return int(own.get("epochs", args.epochs)), float(own.get("lr", args.lr))
 
 
 def _load_report(out: Path, args) -> dict:
@@ -84,6 +96,7 @@ def _train_phase(problem, report: dict, args, out: Path, models_dir: Path) -> No
     started = time.perf_counter() - report["header"]["train_seconds"]
     if report["dense"] is None:
         report["dense"] = measure(problem, problem.dense)
+    dense_rows = report["dense"]["per_image"]
     done = {(r["ratio"], r["strategy"]) for r in report["rows"]}
     physics0, y0, _ = problem.batches[0]
     for ratio in (float(r) for r in args.ratios.split(",")):
@@ -91,20 +104,22 @@ def _train_phase(problem, report: dict, args, out: Path, models_dir: Path) -> No
         if not strategies:
             continue
         pruned = prune_channels(problem.dense, ratio, round_to=args.round_to, check_inputs=(y0, physics0))
-        one_shot = measure(problem, pruned)
+        one_shot = measure(problem, pruned, dense_rows)
         for strategy in strategies:
             tuned = copy.deepcopy(pruned)
-            history = finetune_pruned(problem, tuned, strategy, args.epochs, args.lr, progress=False)
-            row = {"strategy": strategy, "ratio": ratio, "widths": _widths(tuned), "one_shot": one_shot,
-                   "tuned": measure(problem, tuned), "history": history}  # fmt: skip
+            epochs, lr = _budget(args, strategy)
+            history = finetune_pruned(problem, tuned, strategy, epochs, lr, progress=False, jac_reg=args.jac_reg)
+            row = {"strategy": strategy, "ratio": ratio, "widths": _widths(tuned), "epochs": epochs, "lr": lr,
+                   "one_shot": one_shot, "tuned": measure(problem, tuned, dense_rows), "history": history}  # fmt: skip
             save_model(tuned, _model_dir(models_dir, ratio, strategy),
                        metadata={"config": problem.meta["config"], "pruning": {"ratio": ratio, "strategy": strategy}})  # fmt: skip
             report["rows"].append(row)
             report["header"]["train_seconds"] = time.perf_counter() - started
             t, d = row["tuned"], report["dense"]
             print(f"{strategy:>16} ratio {ratio:.1f}: params {t['params']}, PSNR {t['psnr']:.2f} dB (dense "
-                  f"{d['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), iterations {t['iterations']:.1f} vs "
-                  f"{d['iterations']:.1f}", flush=True)  # fmt: skip
+                  f"{d['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), dPSNR {t['dpsnr']['mean']:+.2f} "
+                  f"[{t['dpsnr']['ci_low']:+.2f}, {t['dpsnr']['ci_high']:+.2f}], iterations {t['iterations']:.1f} vs "
+                  f"{d['iterations']:.1f}, converged {t['converged']:.0%}", flush=True)  # fmt: skip
             _write(out, report)
 
 
@@ -120,12 +135,13 @@ def _time_phase(problem, report: dict, args, out: Path, models_dir: Path) -> Non
         key = f"r{row['ratio']:.2f}_{row['strategy']}"
         models[key] = load_model(_model_dir(models_dir, row["ratio"], row["strategy"]), map_location=problem.device)
     started = time.perf_counter()
-    seconds = time_models(problem, models, repeats=args.repeats)
+    batch = problem.batches[0][2].shape[0]
+    num_batches = None if args.time_images is None else max(1, args.time_images // batch)
+    seconds = time_models(problem, models, repeats=args.repeats, num_batches=num_batches)
     report["timing"] = {
-        "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        **machine(),
         "repeats": args.repeats,
-        "test_images": sum(y.shape[0] for _, y, _ in problem.batches),
+        "test_images": sum(y.shape[0] for _, y, _ in problem.batches[:num_batches]),
         "seconds": time.perf_counter() - started,
         "seconds_per_image": seconds,
     }
@@ -136,35 +152,40 @@ def _write(out: Path, report: dict) -> str:
     """JSON, Markdown table and (once timed) plot of the rows so far; returns the table."""
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     s, d, timing = report["header"]["settings"], report["dense"], report.get("timing")
-    secs = timing["seconds_per_image"] if timing else {}
+    secs = {k: v["median"] for k, v in timing["seconds_per_image"].items()} if timing else {}
     head = (f"Shipped `{s['model']}`: L1 channel pruning (widths rounded to multiples of {s['round_to']}), "
-            f"fine-tuning {s['epochs']} epochs at lr {s['lr']:g} with the model's training tolerance; every "
-            f"model measured at DEQ tol {s['solver']['f_tol']:g}, cap {s['solver']['f_max_iter']}, on the "
-            f"{report['header']['test_images']} test slices.")  # fmt: skip
+            f"fine-tuning {s['epochs']} epochs at lr {s['lr']:g} (per-strategy budgets: {s.get('budget') or 'none'}) "
+            f"with the model's training tolerance; every model measured at DEQ tol {s['solver']['f_tol']:g}, cap "
+            f"{s['solver']['f_max_iter']}, on the {report['header']['test_images']} test images; dPSNR is the mean "
+            "paired difference against dense with its 95 % confidence interval.")  # fmt: skip
     if timing:
-        head += (f" Times: {timing['device']}, torch {timing['torch']}, all models timed round-robin in one run, "
-                 f"median of {timing['repeats']} passes over {timing['test_images']} images.")  # fmt: skip
+        head += (f" Times: {timing['device']}, {timing['threads']} threads, torch {timing['torch']}, all models "
+                 f"timed round-robin in one run, median of {timing['repeats']} passes over {timing['test_images']} "
+                 "images.")  # fmt: skip
     lines = [
         head,
         "",
-        "| strategy | ratio | widths | params | GMACs/prior call | PSNR one-shot | PSNR fine-tuned | ΔPSNR vs dense | "
-        "SSIM | iterations | ms/image | speed-up vs dense |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| strategy | epochs, lr | ratio | widths | params | GMACs/prior call | PSNR one-shot | PSNR fine-tuned | "
+        "dPSNR vs dense [95% CI] | SSIM | dSSIM | iterations | converged | ms/image | speed-up vs dense |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if d:
         dense_ms = secs.get("dense")
         widths = "/".join(map(str, report["header"]["dense_widths"]))
-        lines.append(f"| dense | 0 | {widths} | {d['params']} | {d['macs_per_prior_call'] / 1e9:.3f} | - | {d['psnr']:.2f} | "
-                     f"- | {d['ssim']:.4f} | {d['iterations']:.1f} | {_ms(dense_ms)} | 1.00x |")  # fmt: skip
+        lines.append(f"| dense | - | 0 | {widths} | {d['params']} | {d['macs_per_prior_call'] / 1e9:.3f} | - | "
+                     f"{d['psnr']:.2f} | - | {d['ssim']:.4f} | - | {d['iterations']:.1f} | {d['converged']:.0%} | "
+                     f"{_ms(dense_ms)} | 1.00x |")  # fmt: skip
     for r in sorted(report["rows"], key=lambda r: (r["strategy"], r["ratio"])):
         o, t = r["one_shot"], r["tuned"]
         key = f"r{r['ratio']:.2f}_{r['strategy']}"
         speed = f"{secs['dense'] / secs[key]:.2f}x" if key in secs else "-"
         widths = sorted(set(r["widths"]))
+        dp, ds = t["dpsnr"], t["dssim"]
         lines.append(
-            f"| {r['strategy']} | {r['ratio']:.1f} | {'/'.join(map(str, widths))} | {t['params']} | "
-            f"{t['macs_per_prior_call'] / 1e9:.3f} | {o['psnr']:.2f} | {t['psnr']:.2f} | {t['psnr'] - d['psnr']:+.2f} | "
-            f"{t['ssim']:.4f} | {t['iterations']:.1f} | {_ms(secs.get(key))} | {speed} |"
+            f"| {r['strategy']} | {r['epochs']}, {r['lr']:g} | {r['ratio']:.1f} | {'/'.join(map(str, widths))} | "
+            f"{t['params']} | {t['macs_per_prior_call'] / 1e9:.3f} | {o['psnr']:.2f} | {t['psnr']:.2f} | "
+            f"{dp['mean']:+.2f} [{dp['ci_low']:+.2f}, {dp['ci_high']:+.2f}] | {t['ssim']:.4f} | {ds['mean']:+.4f} | "
+            f"{t['iterations']:.1f} | {t['converged']:.0%} | {_ms(secs.get(key))} | {speed} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if timing:
@@ -182,7 +203,7 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    secs = report["timing"]["seconds_per_image"]
+    secs = {k: v["median"] for k, v in report["timing"]["seconds_per_image"].items()}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for strategy in dict.fromkeys(r["strategy"] for r in report["rows"]):
         sel = sorted((r for r in report["rows"] if r["strategy"] == strategy), key=lambda r: r["ratio"])

@@ -417,10 +417,7 @@ class _UnrolledSolve:
 
         model, physics, y = self.model, self.physics, self.y
         if isinstance(model, VarNet):
-            k = physics._kspace_in("y", y)
-            for t in range(model.num_cascades):
-                k = model._cascade(t, k, y, physics)
-            self.out = physics._image_out(model.sens_reduce(k, physics), False)
+            self.out = model.reconstruct(model.measured_kspace(y, physics), physics)
             return
         ahy = _adjoint_measurements(physics, y, None)
         x = ahy

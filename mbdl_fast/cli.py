@@ -110,6 +110,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     device = check_device("device", args.device) if args.device else None
     weights = Path(args.weights_dir) if args.weights_dir else None
+    if args.data == "real":
+        from mbdl_fast.demo_real import run_real_demo
+
+        result = run_real_demo(device=device, out_dir=Path(args.out), weights_dir=weights)
+        print(result["table"])
+        print(f"wrote {', '.join(result['figures'])} and {result['json']}")
+        return 0
     result = run_demo(args.num_images, device=device, out_dir=Path(args.out), weights_dir=weights)
     print(result["table"])
     print(f"wrote {result['figure']} and {result['json']}")
@@ -147,7 +154,8 @@ def _read_config(path: str) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     from mbdl_fast.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out)
+    evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out, tol=args.tol,
+                        max_iter=args.max_iter, compare=args.compare)  # fmt: skip
     return 0
 
 
@@ -156,7 +164,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     result = prune_and_report(
         args.checkpoint, args.ratio, importance=args.importance, finetune=args.finetune, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, nm=args.nm, nm_budget=args.nm_budget, tol=args.tol,
+        lr=args.lr, batch_size=args.batch_size, nm=args.nm, nm_budget=args.nm_budget, nm_score_lr=args.nm_score_lr, jac_reg=args.jac_reg, tol=args.tol,
         max_iter=args.max_iter, num_test=args.num_test, out=args.out, progress=not args.quiet,
     )  # fmt: skip
     print(format_table(result))
@@ -184,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, devices, backends and the CUDA levels built here").set_defaults(func=_info)
     demo = sub.add_parser("demo", help="shipped DEQ and DU models on shipped brain slices; table, PNG and JSON")
-    demo.add_argument("--num-images", type=_count, default=4, help="test slices to reconstruct (at most 7)")
+    demo.add_argument("--data", choices=["simulated", "real"], default="simulated",
+                      help="simulated test slices (default) or the shipped real 16-coil scan at 4x and 6x")  # fmt: skip
+    demo.add_argument("--num-images", type=_count, default=4, help="simulated test slices to reconstruct")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--out", default="mbdl_fast_demo", help="output directory")
     demo.add_argument("--weights-dir", dest="weights_dir", default=None, help="models other than the shipped ones")
@@ -204,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--init-prior", dest="init_prior", help="checkpoint (or shipped model name) of a pre-trained prior"
     )
+    train.add_argument("--init-model", dest="init_model",
+                       help="checkpoint (or shipped model name) of the same DEQ whose weights start the run")  # fmt: skip
     for name, kind in (("size", int), ("coils", int), ("acceleration", float), ("center_fraction", float),
                        ("noise_std", float), ("sr_factor", int), ("cs_ratio", float), ("denoise_sigma", float),
                        ("max_train_items", int), ("max_val_items", int), ("epochs", int), ("batch_size", int),
-                       ("lr", float), ("grad_clip", float), ("seed", int)):  # fmt: skip
+                       ("lr", float), ("grad_clip", float), ("seed", int), ("jac_reg", float),
+                       ("slow_reg", float)):  # fmt: skip
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                            help=f"(default: {getattr(defaults, name)})")  # fmt: skip
     train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"],
@@ -222,10 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split (sharded under torchrun)")
-    ev.add_argument("checkpoint", help="checkpoint path without suffix (runs/deq/model_best) or a shipped model name")
+    ev.add_argument("checkpoint", help="checkpoint path without suffix (e.g. runs/deq/model_best) or a shipped "
+                    "model's name (e.g. deq_mri_4x)")  # fmt: skip
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
     ev.add_argument("--batch-size", dest="batch_size", type=_count, default=4)
-    ev.add_argument("--out", default=None, help="write the per-image numbers as JSON here")
+    ev.add_argument("--tol", type=float, default=None, help="DEQ tolerance (default: the checkpoint's own)")
+    ev.add_argument("--max-iter", dest="max_iter", type=int, default=None, help="DEQ iteration cap (default: the "
+                    "checkpoint's own)")  # fmt: skip
+    ev.add_argument("--out", default=None, help="write the setting, summary and per-image rows as JSON here")
+    ev.add_argument("--compare", default=None, help="another model's --out JSON (e.g. the dense model's): print the "
+                    "paired dPSNR / dSSIM with 95%% confidence intervals and the speed ratio")  # fmt: skip
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("prune", help="prune a checkpoint, fine-tune, report dense vs pruned at equal tolerance")
@@ -238,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", dest="batch_size", type=_count, default=2)
     pr.add_argument("--nm", default=None, help="one-shot N:M masks after channel pruning, e.g. 2:4")
     pr.add_argument("--nm-budget", dest="nm_budget", type=float, default=None, help="SLS N:M search MAC budget")
+    pr.add_argument("--jac-reg", dest="jac_reg", type=float, default=0.0,
+                    help="DEQ: weight of the Jacobian regulariser during fine-tuning (keeps the pruned DEQ converging)")  # fmt: skip
+    pr.add_argument("--nm-score-lr", dest="nm_score_lr", type=float, default=0.1,
+                    help="learning rate of the SLS priority scores (their own Adam group)")  # fmt: skip
     pr.add_argument("--tol", type=float, default=1e-4, help="DEQ tolerance for every timed row (default 1e-4)")
     pr.add_argument("--max-iter", dest="max_iter", type=int, default=100, help="DEQ iteration cap for every row")
     pr.add_argument("--num-test", dest="num_test", type=int, default=None, help="test images (default: all)")

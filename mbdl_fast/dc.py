@@ -234,23 +234,21 @@ def _gamma_view_like(gamma, x):
     return _gamma_view(gamma, x)
 
 
-def _mri_dc_step(physics, x, y, gamma, backend, ahy):
+def _mri_dc_step(physics, x, y_in, gamma, backend, ahy_in):
     img, channel = physics._image_in("x", x)
-    if y is not None:
-        y = physics._kspace_in("y", y, img)
-    if ahy is not None:
-        if ahy.shape != x.shape or ahy.dtype != x.dtype:
+    y = None if y_in is None else physics._kspace_in("y", y_in, img)
+    ahy = None
+    if ahy_in is not None:
+        if ahy_in.shape != x.shape or ahy_in.dtype != x.dtype:
             dtype = str(x.dtype).replace("torch.", "")
-            raise ValueError(f"AHy: expected {dtype} {tuple(x.shape)} like x (A^H y), got {describe(ahy)}")
-        ahy, _ = physics._image_in("AHy", ahy)
+            raise ValueError(f"AHy: expected {dtype} {tuple(x.shape)} like x (A^H y), got {describe(ahy_in)}")
+        ahy, _ = physics._image_in("AHy", ahy_in)
     h, w = img.shape[-2:]
     if backend == "torch":
+        # The physics' own methods, on the arguments in its layout (complex or real-packed), as given.
         if ahy is None:
-            out = physics.dc_step_reference(img, y, gamma)
-        else:
-            normal = physics.A_adjoint_A(img)
-            out = img - _gamma_view_like(gamma, img) * (normal - ahy)
-        return physics._image_out(out, channel)
+            return physics.dc_step_reference(x, y_in, gamma)
+        return x - _gamma_view_like(gamma, x) * (physics.A_adjoint_A(x) - ahy_in)
     if img.dtype != torch.complex64:
         raise TypeError(f"x: backend {backend!r} expects complex64 (B, H, W), got {describe(img)}")
     for arg, t in (("coil_maps", physics.coil_maps), ("mask", physics.mask)):
@@ -265,7 +263,7 @@ def _mri_dc_step(physics, x, y, gamma, backend, ahy):
     out = mri_dc_step_op(
         img.contiguous(),
         coil_maps,
-        physics.mask,
+        physics.mask_for(img),
         y.contiguous() if ahy is None else None,
         ahy.contiguous().to(torch.complex64) if ahy is not None else None,
         g,

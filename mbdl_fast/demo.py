@@ -71,17 +71,22 @@ def run_demo(
     physics, kspace, target = prepare_batch(cfg, batch, device)
 
     recons: dict[str, tuple[torch.Tensor, float, float | None]] = {}
+    converged: dict[str, float] = {}  # DEQ rows: the fraction of images that reached the tolerance
     with torch.no_grad():
         zf, t = _timed(lambda: physics.A_adjoint(kspace), device)
         recons["zero-filled"] = (zf, t, None)
         (cg, info), t = _timed(lambda: conjugate_gradient(physics.A_adjoint_A, zf, tol=1e-5, max_iter=cg_iterations),
                                device)  # fmt: skip
         recons["CG-SENSE"] = (cg, t, float(info["iterations"]))
-        for name, model in ((f"DEQ (tol {DEQ_TOL:g})", deq), (f"DEQ pruned 50% (tol {DEQ_TOL:g})", deq_pruned)):
+        for name, model in (
+            (f"DEQ (tol {DEQ_TOL:g}, cap {DEQ_MAX_ITER})", deq),
+            (f"DEQ pruned 50% (tol {DEQ_TOL:g}, cap {DEQ_MAX_ITER})", deq_pruned),
+        ):
             if model is not None:
                 x, t = _timed(lambda model=model: model(kspace, physics), device)
                 iters = model.last_info["iterations_per_sample"].float().mean().item()
                 recons[name] = (x, t, iters)
+                converged[name] = model.last_info["converged"].float().mean().item()
         if varnet is not None:
             x, t = _timed(lambda: varnet(kspace, physics), device)
             recons["DU (VarNet)"] = (x, t, float(varnet.num_cascades))
@@ -91,49 +96,79 @@ def run_demo(
         mag, ref = image.abs(), target.abs()
         rows.append({"method": name, "psnr": float(psnr(mag, ref)), "ssim": float(ssim(mag, ref)),
                      "nmse": float(nmse(mag, ref)), "iterations": iterations,
-                     "seconds_per_image": seconds / n})  # fmt: skip
+                     "converged": converged.get(name), "seconds_per_image": seconds / n})  # fmt: skip
     b, c, h, w = kspace.shape
     header = (f"{n} shipped test brain slices {h}x{w}, {c} coils, {cfg.mask_type} mask {cfg.acceleration:g}x "
               f"(keeps {float(physics.mask.mean()):.1%}), device {device}")  # fmt: skip
-    lines = [header, f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'s/image':>10}"]
+    lines = [header, f"{'method':<34}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'converged':>11}{'s/image':>10}"]
     for r in rows:
         iters = f"{r['iterations']:.1f}" if r["iterations"] is not None else "-"
-        lines.append(f"{r['method']:<28}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}"
+        conv = f"{round(r['converged'] * n)}/{n}" if r["converged"] is not None else "-"
+        lines.append(f"{r['method']:<34}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}{conv:>11}"
                      f"{r['seconds_per_image']:>10.3f}")  # fmt: skip
+    for r in rows:
+        if r["converged"] is not None and r["converged"] < 1:
+            lines.append(f"WARNING: {r['method']}: {round((1 - r['converged']) * n)} of {n} images stopped at the cap "
+                         f"of {DEQ_MAX_ITER} iterations before reaching tol {DEQ_TOL:g}: not an equilibrium result")  # fmt: skip
     table = "\n".join(lines + notes)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = out_dir / "demo.png"
-    _figure(target, recons, rows, figure)
+    plot_reconstructions(target, {name: image for name, (image, _, _) in recons.items()}, physics.mask, figure)
     result = {"setting": header, "rows": rows, "notes": notes}
     json_path = out_dir / "demo.json"
     json_path.write_text(json.dumps(result, indent=2))
     return {**result, "table": table, "figure": str(figure), "json": str(json_path)}
 
 
-def _figure(target: torch.Tensor, recons: dict, rows: list[dict], path: Path) -> None:
+def plot_reconstructions(
+    target: torch.Tensor, images: dict[str, torch.Tensor], mask: torch.Tensor, path: Path, index: int = 0
+) -> dict[str, tuple[float, float]]:
+    """A PNG of image ``index``: the reference, each reconstruction with its own PSNR / SSIM, the magnitude
+    error maps ||x| - |target||, and the sampling mask, each with a colour bar.
+
+    Args:
+        target: the reference, complex or real ``(B, H, W)``.
+        images: reconstructions by method name, each ``(B, H, W)`` like ``target``.
+        mask: the sampling mask, broadcastable to ``(B, 1, H, W)`` (e.g. ``(B, 1, 1, W)`` or ``(1, W)``).
+        path: the PNG file to write.
+        index: which image of the batch to show; the titles quote that image's numbers, not the batch mean.
+
+    Returns:
+        the (PSNR, SSIM) of image ``index`` per method, as the titles print them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = target[0].abs().cpu().numpy()
+    ref = target[index : index + 1].abs()
+    height, width = ref.shape[-2:]
+    sampled = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    sampled = sampled[min(index, sampled.shape[0] - 1), 0].expand(height, width).cpu().numpy()
     vmax = float(ref.max())
-    cols = 1 + len(recons)
-    fig, axes = plt.subplots(2, cols, figsize=(2.8 * cols, 6.2))
-    axes[0, 0].imshow(ref, cmap="gray", vmin=0, vmax=vmax)
-    axes[0, 0].set_title("ground truth")
-    axes[1, 0].axis("off")
-    for k, ((name, (image, _, _)), row) in enumerate(zip(recons.items(), rows, strict=True), start=1):
-        mag = image[0].abs().cpu().numpy()
-        axes[0, k].imshow(mag, cmap="gray", vmin=0, vmax=vmax)
-        axes[0, k].set_title(f"{name}\n{row['psnr']:.2f} dB", fontsize=9)
-        axes[1, k].imshow(abs(mag - ref), cmap="magma", vmin=0, vmax=0.2 * vmax)
-        axes[1, k].set_title("|error| x5", fontsize=9)
+    cols = 1 + len(images)
+    fig, axes = plt.subplots(2, cols, figsize=(3.3 * cols, 6.4), squeeze=False)
+
+    def show(ax, picture, title: str, cmap: str, vmax_: float) -> None:
+        artist = ax.imshow(picture, cmap=cmap, vmin=0, vmax=vmax_)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.03)
+
+    show(axes[0, 0], ref[0].cpu().numpy(), "reference", "gray", vmax)
+    show(axes[1, 0], sampled, f"mask ({sampled.mean():.1%} of k-space)", "gray", 1.0)
+    quality = {}
+    for k, (name, image) in enumerate(images.items(), start=1):
+        mag = image[index : index + 1].abs()
+        quality[name] = (float(psnr(mag, ref)), float(ssim(mag, ref)))
+        title = f"{name}\n{quality[name][0]:.2f} dB, SSIM {quality[name][1]:.3f}"
+        show(axes[0, k], mag[0].cpu().numpy(), title, "gray", vmax)
+        show(axes[1, k], (mag - ref)[0].abs().cpu().numpy(), "|error| (scale: 20% of max)", "magma", 0.2 * vmax)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return quality

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from mbdl_fast._validate import check_complex
+from mbdl_fast._validate import describe
 
 
 @functools.lru_cache(maxsize=64)
@@ -46,8 +46,13 @@ def shift_signs(shape: tuple[int, ...], dims: tuple[int, ...], device: torch.dev
 
 
 def _centered(x: torch.Tensor, dims: tuple[int, ...], inverse: bool) -> torch.Tensor:
-    # A real tensor is refused, not transformed: fastMRI's real (..., 2) layout would be read as an image.
-    check_complex("x", x, "(..., H, W)", tuple(range(1, 9)))
+    if not x.is_complex():
+        # Transforming a real (..., H, W, 2) tensor as is would mix the re/im axis into the FFT.
+        raise TypeError(
+            f"x: expected a complex tensor (..., H, W), got {describe(x)}; convert fastMRI's real (..., H, W, 2) "
+            "with mbdl_fast.complex.from_fastmri (or pass layout='fastmri' to fft2c / ifft2c), deepinv's real-packed "
+            "(B, 2, ...) with mbdl_fast.complex.from_real_packed, a real image with x.to(torch.complex64)"
+        )
     dims = tuple(d % x.dim() for d in dims)
     even = tuple(d for d in dims if x.shape[d] % 2 == 0)
     odd = tuple(d for d in dims if x.shape[d] % 2 == 1)
@@ -75,11 +80,21 @@ def ifftc(x: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
     return _centered(x, dims, inverse=True)
 
 
-def fft2c(x: torch.Tensor) -> torch.Tensor:
-    """fastMRI's ``fft2c`` on complex tensors ``(..., H, W)``."""
-    return fftc(x, (-2, -1))
+def fft2c(x: torch.Tensor, layout: str = "complex") -> torch.Tensor:
+    """fastMRI's ``fft2c``: complex ``(..., H, W)``, or with ``layout="fastmri"`` real ``(..., H, W, 2)`` in and out."""
+    return _in_layout(x, layout, inverse=False)
 
 
-def ifft2c(x: torch.Tensor) -> torch.Tensor:
-    """fastMRI's ``ifft2c`` on complex tensors ``(..., H, W)``."""
-    return ifftc(x, (-2, -1))
+def ifft2c(x: torch.Tensor, layout: str = "complex") -> torch.Tensor:
+    """fastMRI's ``ifft2c``: complex ``(..., H, W)``, or with ``layout="fastmri"`` real ``(..., H, W, 2)`` in and out."""
+    return _in_layout(x, layout, inverse=True)
+
+
+def _in_layout(x: torch.Tensor, layout: str, inverse: bool) -> torch.Tensor:
+    if layout == "complex":
+        return _centered(x, (-2, -1), inverse)
+    if layout == "fastmri":
+        from mbdl_fast.complex import from_fastmri, to_fastmri
+
+        return to_fastmri(_centered(from_fastmri(x), (-2, -1), inverse))
+    raise ValueError(f"layout: expected 'complex' or 'fastmri', got {layout!r}")

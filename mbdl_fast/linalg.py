@@ -1,4 +1,11 @@
-"""Batched conjugate gradient for Hermitian positive-definite systems, per-sample convergence."""
+"""Batched conjugate gradient for Hermitian positive-definite systems, per-sample convergence.
+
+``conjugate_gradient`` differentiates by unrolling its iterations: the derivative of the iterations run, not of the
+solution. A warm start that is already (nearly) the solution stops it after 0 or few iterations, and then dx/db is
+about the identity instead of M^{-1} (18 % off in a multi-coil prox warm-started at z with y = A z).
+``solve_hpd`` differentiates implicitly: x = M^{-1} b, so dL/db = M^{-1} dL/dx, one more CG solve in backward, and
+the gradients of whatever M depends on follow from r = b - M x at the solution.
+"""
 
 from __future__ import annotations
 
@@ -72,3 +79,42 @@ def conjugate_gradient(
             stacklevel=3,
         )
     return x, {"iterations": it, "residual": residual, "converged": converged}
+
+
+class _ImplicitSolve(torch.autograd.Function):
+    """Forward: zeros like r. Backward: M^{-1} grad (CG). Added to the solution x*, it makes dx*/dθ = M^{-1} dr/dθ."""
+
+    @staticmethod
+    def forward(ctx, r, apply, tol, max_iter):  # noqa: ANN001, ANN205 (autograd's signature)
+        ctx.apply_op, ctx.tol, ctx.max_iter = apply, tol, max_iter
+        return torch.zeros_like(r)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        with torch.no_grad():
+            g, _ = conjugate_gradient(ctx.apply_op, grad, tol=ctx.tol, max_iter=ctx.max_iter)
+        return g, None, None, None
+
+
+def solve_hpd(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 50,
+    warn_as: str | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """``conjugate_gradient`` without recording its iterations, differentiated implicitly (module docstring).
+
+    The forward solve runs under ``no_grad``; with autograd on, one more ``apply`` builds r = b - M x* (zero up to
+    the residual) whose graph carries the gradients to b and to M's parameters (a step size, coil maps), and the
+    backward solves M g = dL/dx by CG with the same ``tol`` and ``max_iter``. M must be Hermitian (it is its own
+    adjoint), as for ``conjugate_gradient``; ``warn_as`` as there (the forward solve warns when it stops short).
+    """
+    with torch.no_grad():
+        x, info = conjugate_gradient(apply, b, x0=x0, tol=tol, max_iter=max_iter, warn_as=warn_as)
+    if torch.is_grad_enabled():
+        r = b - apply(x)
+        if r.requires_grad:
+            x = x + _ImplicitSolve.apply(r, apply, tol, max_iter)
+    return x, info

@@ -6,12 +6,16 @@ Every metric takes ``(x, target)``: the reconstruction and the ground truth, bot
 - complex ``(B, H, W)`` or ``(B, 1, H, W)``: the magnitude ``|x|`` is taken first (as fastMRI
   evaluates complex reconstructions).
 
-Values are computed per image in float64 with batched torch ops (differentiable, any device) and
-returned as float64: a scalar for ``reduction="mean"`` (the mean over images) or ``(B,)`` for
-``reduction="none"``.
+Values are computed in float64 with batched torch ops (differentiable, any device) and returned as
+float64: per image, a scalar for ``reduction="mean"`` (the mean over images) or ``(B,)`` for
+``reduction="none"``; or, for ``reduction="volume"``, one scalar for the batch taken as one volume of B
+slices, as fastMRI's ``evaluate`` computes its numbers: NMSE and PSNR over all the volume's pixels, SSIM
+the mean over slices, each with the volume's maximum as data range (``fastmri.evaluate.nmse(gt, pred)``
+etc.; note fastMRI's argument order is (target, x), ours (x, target)).
 
-``data_range=None`` means the per-image maximum of ``target`` (fastMRI's ``maxval = gt.max()``,
-taken per image here); a float or a ``(B,)`` tensor may be given instead.
+``data_range=None`` means the maximum of ``target``: per image, or over the volume for
+``reduction="volume"`` (fastMRI's ``maxval = gt.max()``); a float or a ``(B,)`` tensor (not for
+``"volume"``) may be given instead.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ __all__ = ["nmse", "psnr", "ssim"]
 
 _K1 = 0.01
 _K2 = 0.03
-_REDUCTIONS = ("mean", "none")
+_REDUCTIONS = ("mean", "none", "volume")
 _WINDOWS = ("gaussian", "fastmri")
 
 
@@ -44,7 +48,9 @@ def psnr(
     """
     _check_reduction(reduction)
     xs, ts = _prepare(x, target)
-    r = _data_range(data_range, ts)
+    r = _data_range(data_range, ts, reduction)
+    if reduction == "volume":
+        return 10.0 * torch.log10(r[0].square() / (xs - ts).square().mean())
     mse = (xs - ts).square().mean(dim=(1, 2, 3))
     return _reduce(10.0 * torch.log10(r.square() / mse), reduction)
 
@@ -52,11 +58,13 @@ def psnr(
 def nmse(x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Normalised mean squared error, per image: ``||target - x||² / ||target||²`` (fastMRI's ``nmse``).
 
-    fastMRI takes the norms over a whole volume; here each image ``b`` is its own volume, and
-    ``reduction="mean"`` averages the per-image values.
+    fastMRI takes the norms over a whole volume: ``reduction="volume"`` does so over the batch; otherwise each
+    image ``b`` is its own volume, and ``reduction="mean"`` averages the per-image values.
     """
     _check_reduction(reduction)
     xs, ts = _prepare(x, target)
+    if reduction == "volume":
+        return (ts - xs).square().sum() / ts.square().sum()
     err = (ts - xs).square().sum(dim=(1, 2, 3))
     energy = ts.square().sum(dim=(1, 2, 3))
     zero = torch.nonzero(energy == 0).flatten().tolist()
@@ -98,7 +106,7 @@ def ssim(
     if window not in _WINDOWS:
         raise ValueError(f"window: expected one of {_WINDOWS}, got {window!r}")
     xs, ts = _prepare(x, target)
-    r = _data_range(data_range, ts)
+    r = _data_range(data_range, ts, reduction)
     taps, cov_norm = _window_taps(window)
     win = taps.numel()
     if min(xs.shape[-2:]) < win:
@@ -117,7 +125,7 @@ def ssim(
     c1 = (_K1 * r).square().view(-1, 1, 1)
     c2 = (_K2 * r).square().view(-1, 1, 1)
     smap = (2 * mx * mt + c1) * (2 * vxt + c2) / ((mx * mx + mt * mt + c1) * (vx + vt + c2))
-    return _reduce(smap.mean(dim=(1, 2)), reduction)
+    return _reduce(smap.mean(dim=(1, 2)), "mean" if reduction == "volume" else reduction)
 
 
 @functools.cache
@@ -165,9 +173,16 @@ def _prepare(x: object, target: object) -> tuple[torch.Tensor, torch.Tensor]:
     return xs, ts
 
 
-def _data_range(data_range: float | torch.Tensor | None, ts: torch.Tensor) -> torch.Tensor:
-    """Per-image data range ``(B,)`` float64: given, or the per-image maximum of the target."""
+def _data_range(data_range: float | torch.Tensor | None, ts: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Per-image data range ``(B,)`` float64: given, or the maximum of the target (per image, or of the volume)."""
     batch = ts.shape[0]
+    if reduction == "volume" and isinstance(data_range, torch.Tensor) and data_range.numel() != 1:
+        raise ValueError(f"data_range: expected one value for reduction='volume', got {describe(data_range)}")
+    if data_range is None and reduction == "volume":
+        r = ts.amax().expand(batch)
+        if not bool(r[0] > 0):
+            raise ValueError("target: the default data_range is the volume's maximum, which is <= 0; pass data_range")
+        return r
     if data_range is None:
         r = ts.amax(dim=(1, 2, 3))
         bad = torch.nonzero(r <= 0).flatten().tolist()

@@ -14,11 +14,12 @@ It solves (I + gamma A^H A) x = z + gamma A^H y. For Cartesian MRI:
       dL/dgamma = Re <F_c g, M (y - M F_c x) / (1 + gamma M²)>   per sample
 
   with g = dL/dx (PyTorch's conjugate-Wirtinger convention for complex tensors).
-- multi-coil, CG (``mbdl_fast.linalg.conjugate_gradient``, per-sample convergence, warm start at z, the
+- multi-coil, CG (``mbdl_fast.linalg.solve_hpd``, per-sample convergence, warm start at z, the
   operator's ``cg_tol`` and ``cg_max_iter``) whose normal operator is the fused DC step of the same backend with
   y = 0 and step -gamma: dc_step(v, 0, -gamma) = v + gamma A^H A v = (I + gamma A^H A) v, one fused op per
   iteration, transforming only the axes the mask varies along; the right-hand side's gamma A^H y is one fused
-  step at x = 0. Differentiable through the DC step's autograd (CG unrolled, as the torch reference).
+  step at x = 0. Differentiable implicitly, as the torch reference: the backward is one more CG solve, and the
+  gradients of gamma and y follow the DC step's autograd through r = rhs - (I + gamma A^H A) x at the solution.
 
 Other operators (super-resolution, block CS) run their own ``prox_l2``.
 """
@@ -170,10 +171,10 @@ def _mri_prox_l2(physics, z, y, gamma, backend: str, auto: bool) -> torch.Tensor
     g = _gamma_vector(gamma, b, img.device).contiguous()
     img = img.contiguous()
     if physics.coil_maps is None:
-        out = mri_prox_l2_op(img, physics.mask, ky.contiguous(), g, backend)
+        out = mri_prox_l2_op(img, physics.mask_for(img), ky.contiguous(), g, backend)
         return physics._image_out(out, channel)
     coil_maps = physics.coil_maps.contiguous()
-    mask = physics.mask
+    mask = physics.mask_for(img)
     dims = physics.transform_dims(h, w)
     th, tw = -2 in dims, -1 in dims
     # gamma A^H y: one fused step x - gamma (A^H A x - A^H y) at x = 0 (both axes transformed: y is given).
@@ -183,9 +184,9 @@ def _mri_prox_l2(physics, z, y, gamma, backend: str, auto: bool) -> torch.Tensor
     def normal(v: torch.Tensor) -> torch.Tensor:  # (I + gamma A^H A) v = dc_step(v, y = 0, -gamma)
         return mri_dc_step_op(v.contiguous(), coil_maps, mask, None, None, minus_g, th, tw, backend)
 
-    from mbdl_fast.linalg import conjugate_gradient
+    from mbdl_fast.linalg import solve_hpd
 
-    x, info = conjugate_gradient(
+    x, info = solve_hpd(
         normal, rhs, x0=img, tol=physics.cg_tol, max_iter=physics.cg_max_iter, warn_as=f"prox_l2 ({backend})"
     )
     physics.last_prox_info = info

@@ -44,3 +44,35 @@ def load_extension():
         pytest.fail(
             f"nvcc is at {shutil.which('nvcc')} but mbdl_fast._C was not built: reinstall with MBDL_FAST_CUDA=1"
         )
+
+
+_torchvision_op_schemas = None  # keeps the torch.library.Library below alive
+
+
+def import_deepinv():
+    """deepinv, or a skip where the optional package is not installed.
+
+    deepinv imports torchvision. PyPI's torchvision wheels are CUDA builds: on a CPU-only torch (CI's) their C
+    extension does not load, and torchvision's import then fails registering fake kernels for its ops
+    ``torchvision::nms`` / ``qnms`` ("operator ... does not exist"). deepinv's code used here never calls those ops,
+    so their schemas are declared (no kernel) and the pure-Python rest of torchvision imports.
+    """
+    import importlib.util
+    import sys
+
+    global _torchvision_op_schemas
+    if importlib.util.find_spec("deepinv") is None:
+        pytest.skip("deepinv (the [deepinv] extra) is not installed")
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        _torchvision_op_schemas = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _torchvision_op_schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import deepinv
+
+    return deepinv

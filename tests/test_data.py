@@ -16,6 +16,8 @@ from mbdl_fast.data import (
     birdcage_coil_maps,
     load_brain_slices,
     load_natural_images,
+    load_real_brain,
+    root_sum_of_squares,
     simulate_multicoil,
     smooth_phase,
 )
@@ -204,6 +206,38 @@ def test_multicoil_brain_dataset():
         assert MultiCoilBrainDataset("test", 2, 4, mask_type=mask_type, size=32)[0]["mask"].shape == shape
     with pytest.raises(ValueError, match="mask_type"):
         MultiCoilBrainDataset("test", 2, 4, mask_type="radial")
+
+
+# --------------------------------------------------------------------------- real scanner data
+
+
+def test_real_brain_layout_scale_and_copy(no_network):
+    from importlib import resources
+
+    from mbdl_fast.finetune import rotate
+
+    kspace = load_real_brain()
+    assert kspace.dtype == torch.complex64 and kspace.shape == (1, 16, 128, 128)
+    image = root_sum_of_squares(kspace)
+    assert abs(float(image.max()) - 1.0) < 1e-6
+    # the stored scan (phase encoding along H), turned a quarter turn and scaled, nothing else
+    stored = torch.from_numpy(np.array(load_npz("brain_invivo_16ch_gre.npz")["kspace"]))[None]
+    assert rel_err(kspace, rotate(stored, 1) / root_sum_of_squares(stored).max()) < 1e-6
+    # a brain: signal in the middle, little in the corners (noise only), and scanner noise present
+    assert float(image[0, 48:80, 48:80].mean()) > 0.3 and float(image[0, :12, :12].mean()) < 0.1
+    assert float(image[0, :12, :12].mean()) > 0
+    # the head's long axis (anterior-posterior) now runs along W, the phase-encode axis
+    head = image[0] > 0.2
+    assert int(head.any(0).sum()) > int(head.any(1).sum())
+    kspace.zero_()
+    assert float(load_real_brain().abs().max()) > 0  # a fresh copy each call
+    body = load_real_brain(body_coil=True)
+    assert body.shape == (1, 2, 128, 128) and abs(float(root_sum_of_squares(body).max()) - 1.0) < 1e-6
+    notice = resources.files("mbdl_fast.data").joinpath("files", "LICENSE_pulseq_MR-Physics-with-Pulseq.txt")
+    text = notice.read_text()
+    assert "MIT License" in text and "446ac401ff5b2e1ab4ca5a6d36fc7434a83afd99" in text
+    with pytest.raises(TypeError, match="body_coil: expected a bool"):
+        load_real_brain("yes")
 
 
 # --------------------------------------------------------------------------- natural images

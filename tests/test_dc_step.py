@@ -105,13 +105,18 @@ def test_torch_compile_traces_around_the_custom_op(device):
     assert rel_err(compiled(x, y), 2 * phys.dc_step_reference(x, y, 0.5)) < TOL[torch.complex64]
 
 
-def test_real_packed_layout_through_triton(device):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_real_packed_layout(backend, device):
     from mbdl_fast.complex import to_real_packed
 
     phys, x, y = make_problem(12, 10, 2, "columns", device)
     packed = MultiCoilMRI(phys.mask, phys.coil_maps, layout="real_packed")
-    out = mbdl_fast.dc_step(packed, to_real_packed(x), to_real_packed(y), 0.7, backend="triton")
-    assert rel_err(out, to_real_packed(phys.dc_step_reference(x, y, 0.7))) < TOL[torch.complex64]
+    expected = to_real_packed(phys.dc_step_reference(x, y, 0.7))
+    out = mbdl_fast.dc_step(packed, to_real_packed(x), to_real_packed(y), 0.7, backend=backend)
+    assert rel_err(out, expected) < TOL[torch.complex64]
+    ahy = packed.A_adjoint(to_real_packed(y))
+    out = mbdl_fast.dc_step(packed, to_real_packed(x), None, 0.7, backend=backend, AHy=ahy)
+    assert rel_err(out, expected) < TOL[torch.complex64]
 
 
 def test_other_operators_use_their_reference(device):

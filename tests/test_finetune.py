@@ -279,3 +279,30 @@ def test_train_config_gives_the_problems():
     assert target is None
     with pytest.raises(KeyError, match="'y'"):
         to_problem({}, CPU)
+
+
+def test_jacobian_regulariser_joins_the_fine_tuning_loss():
+    """jac_reg adds ||dT/dz||_F^2 / n at the last fixed point to any strategy's loss (DEQs only)."""
+    import warnings
+
+    from mbdl_fast.finetune import finetune
+    from mbdl_fast.priors import EDSR
+    from mbdl_fast.solvers import DEQ, DeepUnfolding
+    from mbdl_fast.train import TrainConfig, make_dataset
+
+    cfg = TrainConfig(task="mri", size=16, coils=2, max_train_items=2, max_val_items=2)
+    torch.manual_seed(0)
+    deq = DEQ(EDSR(2, 2, width=4, num_blocks=1), alpha=0.5, f_tol=1e-3, f_max_iter=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = finetune(deq, make_dataset(cfg, "train"), "supervised", batch_to_problem=cfg, epochs=1, batch_size=2,
+                       jac_reg=0.5, progress=False)  # fmt: skip
+    record = out["history"][0]
+    assert record["train_jac"] > 0 and torch.isfinite(torch.tensor(record["train_jac"]))
+    with pytest.raises(RuntimeError, match="jacobian_penalty"):
+        DEQ(EDSR(2, 2, width=4, num_blocks=1)).jacobian_penalty()
+    with pytest.raises(ValueError, match="jac_reg: the Jacobian regulariser needs a DEQ"):
+        finetune(DeepUnfolding(EDSR(2, 2, width=4, num_blocks=1), num_iters=2), make_dataset(cfg, "train"),
+                 "supervised", batch_to_problem=cfg, jac_reg=0.5, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="jac_reg: expected"):
+        finetune(deq, make_dataset(cfg, "train"), "supervised", batch_to_problem=cfg, jac_reg=-1.0, progress=False)

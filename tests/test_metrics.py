@@ -144,3 +144,18 @@ def test_errors_name_the_argument():
         psnr(x, target, data_range=torch.ones(3))
     with pytest.raises(ValueError, match="^target: the default data_range"):
         psnr(x, -target)
+
+
+def test_volume_reduction_pools_the_batch_as_one_volume():
+    gen = torch.Generator().manual_seed(5)
+    target = torch.rand(3, 16, 14, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 0.1, 2.0]).view(3, 1, 1)
+    x = target + 0.02 * torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    err = (x - target).square()
+    assert torch.allclose(nmse(x, target, reduction="volume"), err.sum() / target.square().sum(), rtol=1e-14)
+    expected_psnr = 10 * torch.log10(target.max().square() / err.mean())
+    assert torch.allclose(psnr(x, target, reduction="volume"), expected_psnr, rtol=1e-14)
+    # SSIM: the mean over slices, each with the volume's maximum as data range
+    per_slice = ssim(x, target, data_range=float(target.max()), reduction="none")
+    assert torch.allclose(ssim(x, target, reduction="volume"), per_slice.mean(), rtol=1e-14)
+    with pytest.raises(ValueError, match="data_range: expected one value for reduction='volume'"):
+        psnr(x, target, data_range=torch.ones(3), reduction="volume")

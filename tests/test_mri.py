@@ -116,6 +116,43 @@ def test_real_packed_layout_equals_complex_layout():
     assert torch.equal(packed.A_adjoint(to_real_packed(y)), to_real_packed(cplx.A_adjoint(y)))
 
 
+def test_single_coil_real_packed_kspace_is_deepinv_shaped():
+    h, w = 10, 8
+    mask = random_mask(w, 3, 0.2, seed=0)
+    cplx, packed = MRI(mask), MRI(mask, layout="real_packed")
+    x = torch.randn(2, h, w, dtype=torch.complex64)
+    y = packed.A(to_real_packed(x))
+    assert y.shape == (2, 2, h, w)  # deepinv's MRI: (B, 2, H, W), no coil axis
+    assert torch.equal(y, to_real_packed(cplx.A(x)[:, 0]))
+    # both (B, 2, H, W) and (B, 2, 1, H, W) are accepted
+    assert torch.equal(packed.A_adjoint(y), packed.A_adjoint(y[:, :, None]))
+    assert torch.equal(packed.A_adjoint(y), to_real_packed(cplx.A_adjoint(cplx.A(x))))
+
+
+@pytest.mark.parametrize("coils", [None, 2])
+def test_float64_soft_mask_is_kept_and_cast_to_the_data(coils):
+    h, w = 12, 10
+    gen = torch.Generator().manual_seed(0)
+    soft = torch.rand(1, w, dtype=torch.float64, generator=gen)  # not representable in float32
+    maps = None if coils is None else torch.randn(1, coils, h, w, dtype=torch.complex128, generator=gen)
+    phys = MRI(soft) if coils is None else MultiCoilMRI(soft, maps)
+    assert phys.mask.dtype == torch.float64
+    x = torch.randn(2, h, w, dtype=torch.complex128, generator=gen)
+    expanded = x[:, None] if maps is None else maps * x[:, None]
+    expected = soft * torch.fft.fftshift(
+        torch.fft.fft2(torch.fft.ifftshift(expanded, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)
+    )
+    assert rel_err(phys.A(x), expected) < 1e-14  # a float32 mask would be off by ~1e-8
+    z = torch.randn_like(x)
+    assert rel_err(phys.A_adjoint_A(z), phys.A_adjoint(phys.A(z))) < 1e-14
+    # complex64 data: the mask follows the data's precision, nothing is promoted
+    phys64 = MRI(soft) if coils is None else MultiCoilMRI(soft, maps.to(torch.complex64))
+    assert phys64.A(x.to(torch.complex64)).dtype == torch.complex64
+    assert phys64.dc_step_reference(x.to(torch.complex64), phys64.A(x.to(torch.complex64)), 0.5).dtype == (
+        torch.complex64
+    )
+
+
 def test_update_swaps_parameters():
     phys = make_physics(10, 8, 2, "columns")
     new_mask = torch.ones(1, 8)

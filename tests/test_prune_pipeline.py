@@ -77,3 +77,27 @@ def test_cli_prune_prints_the_table(checkpoint, tmp_path, capsys):
 def test_bad_nm_pattern_is_named(checkpoint):
     with pytest.raises(ValueError, match="nm: expected 'N:M'"):
         prune_and_report(checkpoint, 0.5, finetune=None, nm="2-4", num_test=2, progress=False)
+
+
+def test_sls_search_reaches_its_mac_budget(checkpoint):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune_and_report(checkpoint, 0.5, finetune="supervised", epochs=10, nm_budget=0.5, tol=1e-3,
+                                  max_iter=4, num_test=2, repeats=1, progress=False)  # fmt: skip
+    search = result["setting"]["nm_search"]
+    assert search["reached"] and search["mac_ratio"] <= 0.5
+    assert min(search["n_per_layer"].values()) < 4  # layers really sparsified
+    last = result["rows"][-1]
+    assert last["nm_effective_macs"] < 0.8 * last["macs_per_prior_call"]
+    assert "budget 0.5: reached" in format_table(result)
+
+
+def test_sls_search_that_falls_short_says_so(checkpoint):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune_and_report(checkpoint, 0.5, finetune="supervised", epochs=1, nm_budget=0.25, nm_score_lr=1e-4,
+                                  tol=1e-3, max_iter=4, num_test=2, repeats=1, progress=False)  # fmt: skip
+    assert result["setting"]["nm_search"]["reached"] is False
+    assert "NOT reached" in format_table(result)
+    with pytest.raises(ValueError, match="nm_budget: SLS's N:M search runs during fine-tuning"):
+        prune_and_report(checkpoint, 0.5, finetune=None, nm_budget=0.5, num_test=2, progress=False)

@@ -13,7 +13,7 @@ from mbdl_fast.physics.base import LinearPhysics
 from mbdl_fast.physics.blockcs import BlockCS, measurement_count, orthonormal_rows
 from mbdl_fast.physics.superres import SuperResolution
 
-KERNELS = ["gaussian", "bicubic", "box"]
+KERNELS = ["gaussian", "bicubic", "bilinear", "block_gaussian", "block_bicubic", "box"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -131,12 +131,12 @@ def test_sr_bicubic_equals_matlab_imresize(factor):
     x = _image((1, 1, H, W), False, 11)
     rows, cols = _matlab_bicubic_weights(H, factor), _matlab_bicubic_weights(W, factor)
     ref = rows @ x[0, 0].numpy() @ cols.T
-    np.testing.assert_allclose(SuperResolution("bicubic", factor).A(x)[0, 0].numpy(), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(SuperResolution("block_bicubic", factor).A(x)[0, 0].numpy(), ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("factor", [2, 3])
-def test_sr_gaussian_kernel(factor):
-    op = SuperResolution("gaussian", factor)
+def test_sr_block_gaussian_kernel(factor):
+    op = SuperResolution("block_gaussian", factor)
     k = op.kernel
     assert k.sum().item() == pytest.approx(1.0, abs=1e-12)
     torch.testing.assert_close(k, k.flip(0).flip(1))  # symmetric about the block centre
@@ -144,6 +144,13 @@ def test_sr_gaussian_kernel(factor):
     offsets = op.kernel_center[0] - torch.arange(k.shape[0], dtype=torch.float64)
     assert (k.sum(1) * offsets).sum().item() == pytest.approx((factor - 1) / 2, abs=1e-12)
     assert k.shape[0] == (6 * factor + 1 if factor % 2 else 6 * factor)
+
+
+def test_sr_bicubic_is_block_bicubic_at_factor_2():
+    """At s = 2 deepinv's bicubic and the MATLAB-aligned one coincide (the shipped 2x SR model's operator)."""
+    x = _image((1, 1, 12, 16), False, 15)
+    torch.testing.assert_close(SuperResolution("bicubic", 2).A(x), SuperResolution("block_bicubic", 2).A(x))
+    assert not torch.allclose(SuperResolution("bicubic", 4).A(x), SuperResolution("block_bicubic", 4).A(x))
 
 
 def test_sr_dc_step_reference_by_hand():

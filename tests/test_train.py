@@ -148,9 +148,16 @@ def test_demo_runs_end_to_end_with_tiny_models(tmp_path, capsys):
     assert [r["method"] for r in result["rows"]] == [
         "zero-filled",
         "CG-SENSE",
-        "DEQ (tol 0.0001)",
-        "DEQ pruned 50% (tol 0.0001)",
+        "DEQ (tol 0.0001, cap 100)",
+        "DEQ pruned 50% (tol 0.0001, cap 100)",
         "DU (VarNet)",
     ]
+    deq_rows = [r for r in result["rows"] if r["method"].startswith("DEQ")]
+    assert all(0 <= r["converged"] <= 1 and r["iterations"] >= 1 for r in deq_rows)
+    assert all(r["converged"] is None for r in result["rows"] if not r["method"].startswith("DEQ"))
     assert (tmp_path / "o" / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    assert "PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "converged" in printed
+    # a tiny DEQ that stops at the cap is flagged in the table itself
+    if any(r["converged"] < 1 for r in deq_rows):
+        assert "WARNING" in printed

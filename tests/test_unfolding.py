@@ -253,12 +253,13 @@ def test_varnet_with_zero_prior_is_a_kspace_projection():
 def test_varnet_shape_dtype_and_gradients():
     phys, x, y = multicoil()
     model = VarNet(num_cascades=3, priors=TinyCNN())
-    assert len({id(p) for p in model.priors}) == 3 and model.dc_weight.shape == (3,)
+    assert len({id(p) for p in model.priors}) == 3 and all(c.dc_weight.shape == (1,) for c in model.cascades)
     out = model(y, phys)
     assert out.shape == x.shape and out.dtype == torch.complex64
     (out - x).abs().pow(2).sum().backward()
     # k_0 = y is consistent, so the first soft DC vanishes and its weight gets no gradient
-    assert model.dc_weight.grad[0] == 0 and torch.all(model.dc_weight.grad[1:] != 0)
+    dc_grads = [c.dc_weight.grad for c in model.cascades]
+    assert dc_grads[0] == 0 and all(g != 0 for g in dc_grads[1:])
     assert all(p.grad is not None for p in model.parameters())
     cs_physics, _, cs_y = blockcs()
     with pytest.raises(TypeError, match="MultiCoilMRI"):

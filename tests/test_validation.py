@@ -550,6 +550,8 @@ def test_masks(data, name):
         corruption = Corruption(f"shape {bad!r}", bad, False)
     else:
         valid = {"center_fraction": {"zero"}, "seed": {"zero", "huge"}, "decay": {"zero"}}.get(arg, set())
+        if name in ("random_mask", "equispaced_mask") and arg in ("acceleration", "center_fraction"):
+            valid = valid | {"list"}  # fastMRI's lists of accelerations and center fractions
         skip = {"acceleration": {"fraction"}, "decay": {"fraction", "huge"}, "seed": {"None"}}.get(arg, set())
         corruption = scalar_corruption(data, defaults[arg], valid=valid, skip=skip)
         if arg == "acceleration" and corruption.category == "scalar: int as float":

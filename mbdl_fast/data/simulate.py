@@ -225,9 +225,10 @@ def _item_seed(seed: int, index: int, stream: int) -> int:
 class MultiCoilBrainDataset(Dataset):
     """Simulated multi-coil acquisitions of the shipped brain slices, one slice per item.
 
-    Item ``i`` is ``simulate_multicoil`` of slice ``i`` of ``load_brain_slices(split, size)`` with
-    its own seeds derived from ``(seed, i)``: the same item is identical on every access and every
-    machine, and random masks differ between items but not between epochs. Each item is the
+    Item ``i`` is ``simulate_multicoil`` of slice ``i mod n`` of ``load_brain_slices(split, size)``
+    (n slices; ``draws`` > 1 repeats every slice with new draws) with its own seeds derived from
+    ``(seed, i)``: the same item is identical on every access and every machine, and random masks,
+    coil maps and phases differ between items but not between epochs. Each item is the
     dict of ``simulate_multicoil`` without the batch dimension: ``"target"`` ``(H, W)``,
     ``"coil_maps"`` / ``"kspace"`` ``(C, H, W)``, ``"zero_filled"`` ``(H, W)``, ``"mask"``
     ``(1, 1, W)`` (column masks) or ``(1, H, W)`` (2-D), so the default collate gives a mask
@@ -246,6 +247,7 @@ class MultiCoilBrainDataset(Dataset):
         noise_std: k-space noise standard deviation per real/imaginary part.
         seed: base seed of all random draws.
         phase: multiply the images by a smooth random phase.
+        draws: independent acquisitions (mask, coils, phase, noise) of every slice; ``len`` is n * draws.
     """
 
     def __init__(
@@ -259,7 +261,10 @@ class MultiCoilBrainDataset(Dataset):
         noise_std: float = 0.0,
         seed: int = 0,
         phase: bool = True,
+        draws: int = 1,
     ) -> None:
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"draws: expected an int >= 1, got {draws!r}")
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type: expected one of {MASK_TYPES}, got {mask_type!r}")
         check_int("num_coils", num_coils, 1, MAX_COILS)
@@ -273,10 +278,11 @@ class MultiCoilBrainDataset(Dataset):
         self.noise_std = noise_std
         self.seed = seed
         self.phase = phase
+        self.draws = draws
         self.mask(0)  # fail now, not in a worker, on an impossible acceleration / center_fraction
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] * self.draws
 
     def mask(self, index: int) -> torch.Tensor:
         """The sampling mask of item ``index``: ``(1, W)`` for column masks, ``(H, W)`` for 2-D ones."""
@@ -295,8 +301,9 @@ class MultiCoilBrainDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index: expected an int in [0, {len(self)}), got {index}")
         index = index % len(self)
+        slice_index = index % self.images.shape[0]
         out = simulate_multicoil(
-            self.images[index : index + 1],
+            self.images[slice_index : slice_index + 1],
             num_coils=self.num_coils,
             mask=self.mask(index),
             noise_std=self.noise_std,

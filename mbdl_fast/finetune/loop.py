@@ -271,6 +271,8 @@ def finetune(
     out: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    param_groups: Sequence[dict[str, Any]] = (),
+    jac_reg: float = 0.0,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place with one of SPADE's strategies; returns the history.
 
@@ -301,6 +303,12 @@ def finetune(
             registered models only); ``None`` saves nothing.
         progress: tqdm bar per epoch.
         seed: data order and the strategy's random draws (rotations, noise).
+        jac_reg: DEQ models: weight of the Jacobian regulariser ``DEQ.jacobian_penalty`` (||dT/dz||_F^2 / n at the
+            last fixed point, Bai et al. 2021) added to every strategy's loss, so a pruned DEQ stays contractive
+            and converges at the tolerance it was trained for; reported as ``train_jac``.
+        param_groups: extra Adam parameter groups with their own settings, e.g. SLS's priority scores
+            ``{"params": search.score_parameters(), "lr": 1e-2, "weight_decay": 0.0}``; their parameters
+            leave the main group (``lr``) and gradient clipping, and share the cosine schedule.
 
     Returns:
         ``{"history": [...], "model": model, "strategy": name, "solver": configure_solver's record or None}``;
@@ -326,14 +334,21 @@ def finetune(
         if teacher is model or {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
             raise ValueError("teacher: must be a separate frozen copy; it shares parameters with the model being tuned")
         teacher.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    own = {id(p) for group in param_groups for p in group["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     if not params:
         raise ValueError(f"model: {type(model).__name__} has no trainable parameters")
     solver = configure_solver(model, teacher, solver_options, allow_different_tolerance)
     deq = _deqs(model)[0] if solver is not None else None
+    if not (isinstance(jac_reg, (int, float)) and math.isfinite(jac_reg) and jac_reg >= 0):
+        raise ValueError(f"jac_reg: expected a finite number >= 0, got {jac_reg!r}")
+    if jac_reg > 0 and deq is None:
+        raise ValueError(f"jac_reg: the Jacobian regulariser needs a DEQ model, got {type(model).__name__}")
 
     device = _device_of(model)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(
+        [{"params": params}, *(dict(g, params=list(g["params"])) for g in param_groups)], lr=lr
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     draws = torch.Generator().manual_seed(seed + 1)
@@ -351,6 +366,9 @@ def finetune(
         for batch in bar:
             physics, y, target = to_problem(batch, device)
             parts = strategy(model, physics, y, target if strategy.needs_target else None, teacher, generator=draws)
+            if jac_reg > 0:
+                parts = dict(parts, jac=sum(d.jacobian_penalty() for d in _deqs(model)))
+                parts["loss"] = parts["loss"] + jac_reg * parts["jac"]
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             if grad_clip:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mbdl_fast._validate import MAX_ITERATIONS, check_int, check_number, check_step, value_checks_wanted
-from mbdl_fast.linalg import conjugate_gradient
+from mbdl_fast.linalg import solve_hpd
 
 
 class LinearPhysics(torch.nn.Module):
@@ -66,10 +66,13 @@ class LinearPhysics(torch.nn.Module):
         return dc_step(self, x, y, gamma, backend=backend, AHy=AHy)
 
     def prox_l2(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
-        """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||², by CG on (I + gamma A^H A) x = z + gamma A^H y."""
+        """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||², by CG on (I + gamma A^H A) x = z + gamma A^H y.
+
+        Differentiable implicitly (``mbdl_fast.linalg.solve_hpd``): the backward is one more CG solve.
+        """
         g = _gamma_view(gamma, z)
         rhs = z + g * self.A_adjoint(y)
-        x, info = conjugate_gradient(
+        x, info = solve_hpd(
             lambda v: v + g * self.A_adjoint_A(v),
             rhs,
             x0=z,

@@ -12,40 +12,69 @@ fastMRI's formulas (``RandomMaskFunc`` / ``EquispacedMaskFunc``):
 - equispaced: columns ``round(offset + k * R')`` with ``R' = R (num_low - W) / (num_low R - W)``
   and a random ``offset`` in ``[0, round(R'))``.
 
+As fastMRI's mask functions, ``random_mask`` and ``equispaced_mask`` take lists of accelerations and
+center fractions (one pair drawn per call by the seeded generator) and, for equispaced masks, ``offset``.
+
 SPADE's uniform mask: every R-th column plus a centred ACS band of ``int(W * 0.2 * 2 / R)`` columns.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from mbdl_fast._validate import check_int, check_number, check_tensor
 
+#: Longest k-space side a mask is made for: far beyond any scanner, and a hostile size cannot exhaust memory.
+MAX_COLS = 1 << 16
+
 
 def _check_seed(seed: int | None) -> int | None:
     return None if seed is None else check_int("seed", seed, 0, 2**32 - 1)  # numpy's RandomState range
 
 
-def _fastmri_rng(seed: int | None) -> np.random.RandomState:
-    """fastMRI's generator state after ``choose_acceleration`` (one ``randint`` draw), so that the
-    same seed gives fastMRI's mask bit for bit."""
+def _values(value: object) -> list:
+    """A number or a list of them, as a list (a string is neither: it stays one value, to be refused)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _fastmri_choice(
+    center_fraction: float | Sequence[float],
+    acceleration: float | Sequence[float],
+    seed: int | None,
+    allow_any_combination: bool,
+    num_cols: int,
+) -> tuple[np.random.RandomState, float, float]:
+    """fastMRI's ``MaskFunc.choose_acceleration``: a (center fraction, acceleration) pair drawn from the lists,
+    and the generator after that draw, so that the same seed gives fastMRI's mask bit for bit."""
+    fractions, accelerations = _values(center_fraction), _values(acceleration)
+    if not fractions or not accelerations:
+        raise ValueError(
+            f"center_fraction, acceleration: expected numbers or non-empty lists, got {fractions}, {accelerations}"
+        )
+    if len(fractions) != len(accelerations) and not allow_any_combination:
+        raise ValueError(
+            f"center_fraction: expected as many values as acceleration ({len(accelerations)}) unless "
+            f"allow_any_combination=True, got {len(fractions)}: {fractions}"
+        )
+    for value in fractions:
+        check_number("center_fraction", value, 0.0, 1.0)
+    for value in accelerations:
+        check_number("acceleration", value, 1.0, float(num_cols), meaning="at least one column in num_cols")
     rng = np.random.RandomState(_check_seed(seed))
-    rng.randint(1)
-    return rng
+    if allow_any_combination:
+        return rng, rng.choice(fractions), rng.choice(accelerations)
+    choice = rng.randint(len(fractions))
+    return rng, fractions[choice], accelerations[choice]
 
 
-#: Longest k-space side a mask is made for: far beyond any scanner, and a hostile size cannot exhaust memory.
-MAX_COLS = 1 << 16
-
-
-def _check_common(num_cols: int, acceleration: float) -> None:
+def _check_num_cols(num_cols: int) -> None:
     check_int("num_cols", num_cols, 2, MAX_COLS)
-    check_number("acceleration", acceleration, 1.0, float(num_cols), meaning="at least one column in num_cols")
 
 
 def _low_freq_band(num_cols: int, center_fraction: float) -> tuple[int, int]:
-    check_number("center_fraction", center_fraction, 0.0, 1.0)
     num_low = int(round(num_cols * center_fraction))
     start = (num_cols - num_low + 1) // 2
     return start, num_low
@@ -55,9 +84,23 @@ def _as_column_mask(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(mask.astype(np.float32)).reshape(1, -1)
 
 
-def random_mask(num_cols: int, acceleration: float, center_fraction: float, seed: int | None = None) -> torch.Tensor:
-    """fastMRI's random column mask, ``(1, W)`` float32 of 0/1."""
-    _check_common(num_cols, acceleration)
+def random_mask(
+    num_cols: int,
+    acceleration: float | Sequence[float],
+    center_fraction: float | Sequence[float],
+    seed: int | None = None,
+    allow_any_combination: bool = False,
+) -> torch.Tensor:
+    """fastMRI's random column mask (``RandomMaskFunc``), ``(1, W)`` float32 of 0/1.
+
+    ``acceleration`` and ``center_fraction`` may be lists, as fastMRI's ``accelerations`` and
+    ``center_fractions``: one pair is drawn (or one of each with ``allow_any_combination``) by the seeded
+    generator, as fastMRI does, so a seed gives fastMRI's mask for the same lists.
+    """
+    _check_num_cols(num_cols)
+    rng, center_fraction, acceleration = _fastmri_choice(
+        center_fraction, acceleration, seed, allow_any_combination, num_cols
+    )
     start, num_low = _low_freq_band(num_cols, center_fraction)
     if num_low >= num_cols / acceleration and acceleration > 1:
         raise ValueError(
@@ -65,42 +108,56 @@ def random_mask(num_cols: int, acceleration: float, center_fraction: float, seed
             f"1/acceleration = 1/{acceleration} of them"
         )
     prob = (num_cols / acceleration - num_low) / (num_cols - num_low) if num_cols > num_low else 1.0
-    mask = _fastmri_rng(seed).uniform(size=num_cols) < prob
+    mask = rng.uniform(size=num_cols) < prob
     mask[start : start + num_low] = True
     return _as_column_mask(mask)
 
 
 def equispaced_mask(
-    num_cols: int, acceleration: int, center_fraction: float, seed: int | None = None, exact_fraction: bool = True
+    num_cols: int,
+    acceleration: int | Sequence[int],
+    center_fraction: float | Sequence[float],
+    seed: int | None = None,
+    exact_fraction: bool = True,
+    offset: int | None = None,
+    allow_any_combination: bool = False,
 ) -> torch.Tensor:
     """fastMRI's equispaced column mask, ``(1, W)`` float32 of 0/1.
 
     ``exact_fraction=True`` is ``EquispacedMaskFractionFunc`` (the outer spacing is adjusted so that
     exactly 1/R of all columns are kept, the challenge's mask); ``False`` is ``EquispacedMaskFunc``
-    (every R-th column from a random offset, plus the centre).
+    (every R-th column from the offset, plus the centre). ``offset`` is fastMRI's: the first outer
+    column, drawn at random in [0, round(spacing)) when ``None``. Lists of accelerations and center
+    fractions as in :func:`random_mask`.
     """
-    _check_common(num_cols, acceleration)
+    _check_num_cols(num_cols)
+    rng, center_fraction, acceleration = _fastmri_choice(
+        center_fraction, acceleration, seed, allow_any_combination, num_cols
+    )
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+        raise ValueError(f"offset: expected an int >= 0 or None, got {offset!r}")
     start, num_low = _low_freq_band(num_cols, center_fraction)
     mask = np.zeros(num_cols, dtype=bool)
     mask[start : start + num_low] = True
-    rng = _fastmri_rng(seed)
     if not exact_fraction:
         if int(acceleration) != acceleration:
             raise ValueError(f"acceleration: expected an integer with exact_fraction=False, got {acceleration!r}")
-        mask[rng.randint(0, high=round(acceleration)) :: int(acceleration)] = True
+        first = rng.randint(0, high=round(acceleration)) if offset is None else offset
+        mask[first :: int(acceleration)] = True
         return _as_column_mask(mask)
     if num_low * acceleration >= num_cols:
         raise ValueError(f"center_fraction: {center_fraction} with acceleration={acceleration} leaves no outer columns")
     adjusted = (acceleration * (num_low - num_cols)) / (num_low * acceleration - num_cols)
-    offset = rng.randint(0, high=round(adjusted))
-    samples = np.around(np.arange(offset, num_cols - 1, adjusted)).astype(np.uint64)
+    first = rng.randint(0, high=round(adjusted)) if offset is None else offset
+    samples = np.around(np.arange(first, num_cols - 1, adjusted)).astype(np.uint64)
     mask[samples] = True
     return _as_column_mask(mask)
 
 
 def uniform_acs_mask(num_cols: int, acceleration: int) -> torch.Tensor:
     """SPADE's uniform mask: every R-th column plus a centred ACS band of ``int(W * 0.2 * 2 / R)`` columns."""
-    _check_common(num_cols, acceleration)
+    _check_num_cols(num_cols)
+    check_number("acceleration", acceleration, 1.0, float(num_cols), meaning="at least one column in num_cols")
     if int(acceleration) != acceleration:
         raise ValueError(f"acceleration: expected an integer for the uniform mask, got {acceleration!r}")
     r = int(acceleration)

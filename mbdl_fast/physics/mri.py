@@ -9,8 +9,8 @@ full size), S the coil maps (single coil: S = 1, C = 1). When M varies along one
 normal operator and the DC step with a precomputed A^H y use that.
 
 Layouts: ``layout="complex"`` (default) takes complex tensors; ``layout="real_packed"`` takes
-deepinv's real (B, 2, H, W) images and returns real (B, 2, C, H, W) k-space, converting exactly
-at the boundary. A real tensor given to a complex-layout operator is an error, not a silent FFT.
+deepinv's real (B, 2, H, W) images and returns real (B, 2, C, H, W) k-space (single-coil ``MRI``:
+(B, 2, H, W), as deepinv's ``MRI``), converting exactly at the boundary. A real tensor given to a complex-layout operator is an error, not a silent FFT.
 """
 
 from __future__ import annotations
@@ -75,8 +75,10 @@ class MultiCoilMRI(LinearPhysics):
             raise ValueError(f"mask: expected coil dim 1 (the same mask for every coil), got {describe(mask)}")
         if self.coil_maps is not None:
             check_same_device([("coil_maps", self.coil_maps), ("mask", mask)])
-        # A copy: the cached axes below must describe this mask even if the caller's buffer changes later.
-        self.mask = mask.to(torch.float32, copy=True)
+        # float64 is kept (a soft mask rounded to float32 would be off by 1e-8 in complex128 results); each
+        # operator casts it to the precision of its data (``mask_for``), so it never promotes complex64 data.
+        # Always a copy: the cached axes below must describe this mask even if the caller's buffer changes later.
+        self.mask = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32, copy=True)
         self._mask_axes = mask_axes(self.mask, mask.shape[-2], mask.shape[-1])
 
     def _set_coil_maps(self, coil_maps: torch.Tensor | None) -> None:
@@ -87,6 +89,10 @@ class MultiCoilMRI(LinearPhysics):
             check_nonempty("coil_maps", coil_maps, "complex64 (B, C, H, W)")
             check_finite("coil_maps", coil_maps)
         self.coil_maps = coil_maps
+
+    def mask_for(self, t: torch.Tensor) -> torch.Tensor:
+        """The mask in the real precision of ``t`` (complex64 -> float32, complex128 -> float64)."""
+        return self.mask.to(t.real.dtype) if t.is_complex() else self.mask.to(t.dtype)
 
     @property
     def num_coils(self) -> int:
@@ -138,7 +144,10 @@ class MultiCoilMRI(LinearPhysics):
             return to_real_packed(x)
         return x.unsqueeze(1) if channel else x
 
-    def _kspace_in(self, name: str, y: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    def _kspace_in(
+        self, name: str, y: torch.Tensor, image: torch.Tensor | None = None, any_coils: bool = False
+    ) -> torch.Tensor:
+        """Complex k-space (B, C, H, W) from ``y`` in this operator's layout, C = ``num_coils`` unless ``any_coils``."""
         check_tensor(name, y)
         if self.layout == "real_packed":
             check_real(name, y, "real-packed (B, 2, C, H, W)", 5)
@@ -148,7 +157,7 @@ class MultiCoilMRI(LinearPhysics):
         check_nonempty(name, y, "k-space (B, C, H, W)")
         if value_checks_wanted():
             check_finite(name, y)
-        if y.shape[1] != self.num_coils:
+        if not any_coils and y.shape[1] != self.num_coils:
             raise ValueError(
                 f"{name}: expected k-space (B, {self.num_coils}, H, W) ({self.num_coils} coils), got {describe(y)}"
             )
@@ -177,18 +186,19 @@ class MultiCoilMRI(LinearPhysics):
     def A(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
         """y = M ⊙ F_c(S ⊙ x): (B, H, W) complex -> (B, C, H, W) complex."""
         x, _ = self._image_in("x", x)
-        return self._kspace_out(self.mask * fftc(self._expand(x)))
+        return self._kspace_out(self.mask_for(x) * fftc(self._expand(x)))
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:  # noqa: N802
         """x = Σ_c conj(S_c) F_c^H(M ⊙ y_c): (B, C, H, W) complex -> (B, H, W) complex."""
         y = self._kspace_in("y", y)
-        return self._image_out(self._combine(ifftc(self.mask * y)), False)
+        return self._image_out(self._combine(ifftc(self.mask_for(y) * y)), False)
 
     def A_adjoint_A(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
         """A^H A x = Σ_c conj(S_c) F^H M² F (S_c x), transforming only the axes the mask varies along."""
         x, channel = self._image_in("x", x)
         dims = self.transform_dims(x.shape[-2], x.shape[-1])
-        m2 = self.mask if self._mask_is_binary() else self.mask * self.mask
+        m = self.mask_for(x)
+        m2 = m if self._mask_is_binary() else m * m
         return self._image_out(self._combine(ifftc(m2 * fftc(self._expand(x), dims), dims)), channel)
 
     def _mask_is_binary(self) -> bool:
@@ -198,8 +208,9 @@ class MultiCoilMRI(LinearPhysics):
         """x - gamma A^H(A x - y), literally (2-D FFTs): the definition the fast paths are checked against."""
         x, channel = self._image_in("x", x)
         y = self._kspace_in("y", y, x)
-        residual = self.mask * fftc(self._expand(x)) - y
-        out = x - _gamma_view(gamma, x) * self._combine(ifftc(self.mask * residual))
+        m = self.mask_for(x)
+        residual = m * fftc(self._expand(x)) - y
+        out = x - _gamma_view(gamma, x) * self._combine(ifftc(m * residual))
         return self._image_out(out, channel)
 
     def prox_l2(
@@ -227,16 +238,31 @@ class MultiCoilMRI(LinearPhysics):
         z_img, channel = self._image_in("z", z)
         y = self._kspace_in("y", y, z_img)
         g = _gamma_view(gamma, y)
-        m = self.mask.to(z_img.real.dtype)  # a float32 mask would round a float64 prox
+        m = self.mask_for(z_img)
         x = ifftc((fftc(z_img.unsqueeze(1)) + g * m * y) / (1 + g * m * m))[:, 0]
         return self._image_out(x, channel)
 
 
 class MRI(MultiCoilMRI):
-    """Single-coil Cartesian MRI: A x = M ⊙ F_c x, k-space (B, 1, H, W). Closed-form prox."""
+    """Single-coil Cartesian MRI: A x = M ⊙ F_c x, k-space (B, 1, H, W). Closed-form prox.
+
+    With ``layout="real_packed"`` the k-space is deepinv's single-coil ``(B, 2, H, W)`` (as ``deepinv.physics.MRI``);
+    ``(B, 2, 1, H, W)`` is accepted as input too.
+    """
 
     def __init__(self, mask: torch.Tensor, layout: str = "complex") -> None:
         super().__init__(mask, coil_maps=None, layout=layout)
+
+    def _kspace_in(
+        self, name: str, y: torch.Tensor, image: torch.Tensor | None = None, any_coils: bool = False
+    ) -> torch.Tensor:
+        if self.layout == "real_packed" and isinstance(y, torch.Tensor) and y.dim() == 4:
+            y = y.unsqueeze(2)  # deepinv's single-coil (B, 2, H, W)
+        return super()._kspace_in(name, y, image, any_coils)
+
+    def _kspace_out(self, y: torch.Tensor) -> torch.Tensor:
+        out = super()._kspace_out(y)
+        return out[:, :, 0] if self.layout == "real_packed" and y.shape[1] == 1 else out
 
     def _set_coil_maps(self, coil_maps: torch.Tensor | None) -> None:
         if coil_maps is not None:

@@ -18,22 +18,30 @@ new analytical solution for l2-l2 problems"):
                      = F^{-1} [R - γ conj(K) ⊙ T(BM(K ⊙ R) / (1 + γ BM(|K|²)))],
     R = F z + γ conj(K) ⊙ T(F_s y)   (= F(z + γ A^H y)).
 
-Geometry of the built-in kernels: low-resolution pixel (i, j) summarises the s×s block whose
-top-left pixel is (s·i, s·j), i.e. it sits at the block centre (s·i + (s-1)/2, s·j + (s-1)/2), as
-average pooling, MATLAB's/PIL's ``imresize`` and ``interpolate(align_corners=False)`` place it.
-Each built-in kernel is therefore symmetric about that centre (a half-pixel off the grid for even
-s), so that with phase-0 decimation:
+Built-in kernels, all separable and normalised to sum 1. Those named as deepinv's filters equal them
+(``deepinv.physics.Downsampling(filter=NAME, factor=s, padding="circular")`` gives the same A):
+
+- ``"gaussian"``: σ = s, taps at the integer offsets -c..c, c = int(s / 0.3 + 1) (deepinv's ``gaussian_blur``).
+- ``"bicubic"``: Keys' cubic (a = -0.5) sampled at (k + 1/2) / s, 4s taps (deepinv's ``bicubic_filter``).
+- ``"bilinear"``: the triangle 1 - |t| sampled at (k + 1/2) / s, 2s taps (deepinv's ``bilinear_filter``).
+
+They follow deepinv's geometry, the user-kernel convention below. The ``block_`` kernels and ``"box"``
+instead put low-resolution pixel (i, j) at the centre of the s×s block whose top-left pixel is
+(s·i, s·j), i.e. at (s·i + (s-1)/2, s·j + (s-1)/2), as average pooling, MATLAB's/PIL's ``imresize`` and
+``interpolate(align_corners=False)`` place it: each is symmetric about that centre (a half-pixel off
+the grid for even s), so that with phase-0 decimation:
 
 - ``"box"``: the s×s block mean, exactly ``avg_pool2d(x, s)`` (s×s taps).
-- ``"bicubic"``: Keys' cubic (a = -0.5) stretched by s, the antialiasing kernel of MATLAB's
+- ``"block_bicubic"``: Keys' cubic stretched by s, the antialiasing kernel of MATLAB's
   ``imresize(x, 1/s, 'bicubic')``: A x equals MATLAB's result with circular instead of symmetric
-  boundary handling. Support width 4s: 4s taps for even s, 4s - 1 for odd s.
-- ``"gaussian"``: σ = s, taps within 3σ of the block centre (6s taps for even s, 6s + 1 for odd s).
+  boundary handling. Support width 4s: 4s taps for even s, 4s - 1 for odd s. (For s = 2 it is
+  ``"bicubic"``.)
+- ``"block_gaussian"``: σ = s, taps within 3σ of the block centre (6s taps for even s, 6s + 1 for odd s).
 
-All three are separable and normalised to sum 1. A user kernel (real 2-D tensor, used as given, not
-normalised) has its centre at index (kh // 2, kw // 2): the middle for odd sizes; an even-sized
-symmetric kernel then sits at the same half-pixel as the built-ins for s = 2. Kernels larger than
-the image wrap around (circular convolution).
+A user kernel (real 2-D tensor, used as given, not normalised) has its centre at index
+(kh // 2, kw // 2): the middle for odd sizes, as deepinv's ``conv2d``; an even-sized symmetric kernel
+then sits at the same half-pixel as the block kernels for s = 2. Kernels larger than the image wrap
+around (circular convolution).
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from mbdl_fast.physics.base import LinearPhysics, _gamma_view
 
 __all__ = ["SuperResolution"]
 
-_KERNELS = ("gaussian", "bicubic", "box")
+_KERNELS = ("gaussian", "bicubic", "bilinear", "block_gaussian", "block_bicubic", "box")
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _REAL_OF = {
     torch.float32: torch.float32,
@@ -70,8 +78,9 @@ class SuperResolution(LinearPhysics):
     """Blur + s-fold decimation ``A x = D(k ⊛ x)`` with a closed-form FFT prox (see the module docstring).
 
     Args:
-        kernel: ``"gaussian"`` (σ = factor), ``"bicubic"`` (MATLAB ``imresize``), ``"box"`` (block
-            mean), or a real 2-D tensor ``(kh, kw)`` centred at ``(kh // 2, kw // 2)``.
+        kernel: deepinv's ``"gaussian"`` (σ = factor), ``"bicubic"``, ``"bilinear"``; block-centred
+            ``"block_gaussian"``, ``"block_bicubic"`` (MATLAB ``imresize``), ``"box"`` (block mean); or a
+            real 2-D tensor ``(kh, kw)`` centred at ``(kh // 2, kw // 2)`` (module docstring).
         factor: decimation factor s (int ≥ 1).
         img_size: optional ``(H, W)``; when given, inputs must have that size.
         cg_tol, cg_max_iter: for the generic CG prox of the base class (not used by ``prox_l2`` here).
@@ -296,13 +305,29 @@ def _aligned_taps(
     return taps / taps.sum(), d_max
 
 
+def _deepinv_taps(kernel: str, s: int) -> torch.Tensor:
+    """1-D taps of deepinv's filter ``kernel`` for factor s, normalised to sum 1, centre index len // 2."""
+    if kernel == "gaussian":
+        c = int(s / 0.3 + 1)
+        t = torch.arange(-c, c + 1, dtype=torch.float64)
+        taps = torch.exp(-0.5 * (t / s) ** 2)
+    else:
+        half = 2 * s if kernel == "bicubic" else s
+        t = (torch.arange(2 * half, dtype=torch.float64) - half + 0.5) / s
+        taps = _keys_cubic(t) if kernel == "bicubic" else 1 - t.abs()
+    return taps / taps.sum()
+
+
 def _make_kernel(kernel: str | torch.Tensor, s: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """A kernel as a float64 CPU ``(kh, kw)`` tensor plus its centre index (see the module docstring)."""
     if isinstance(kernel, str):
-        if kernel == "gaussian":
+        if kernel in ("gaussian", "bicubic", "bilinear"):
+            taps = _deepinv_taps(kernel, s)
+            c = len(taps) // 2
+        elif kernel == "block_gaussian":
             sigma = float(s)
             taps, c = _aligned_taps(lambda t: torch.exp(-0.5 * (t / sigma) ** 2), 3 * sigma, s, open_support=False)
-        elif kernel == "bicubic":
+        elif kernel == "block_bicubic":
             taps, c = _aligned_taps(lambda t: _keys_cubic(t / s), 2 * s, s, open_support=True)
         elif kernel == "box":
             taps, c = _aligned_taps(torch.ones_like, (s - 1) / 2, s, open_support=False)

@@ -62,6 +62,19 @@ def _default_unet_widths(chans: int, num_pool_layers: int) -> list[int]:
     return down + [chans * 2**P] * 2 + up
 
 
+def unet_width_layers(num_pool_layers: int) -> list[str]:
+    """Module names (fastMRI's) of the convolutions whose output channels the ``widths`` entries give, in order."""
+    P = num_pool_layers
+    names = []
+    for i in range(P):
+        names += [f"down_sample_layers.{i}.layers.0", f"down_sample_layers.{i}.layers.4"]
+    names += ["conv.layers.0", "conv.layers.4"]
+    for j in range(P):
+        block = f"up_conv.{j}.0" if j == P - 1 else f"up_conv.{j}"
+        names += [f"up_transpose_conv.{j}.layers.0", f"{block}.layers.0", f"{block}.layers.4"]
+    return names
+
+
 _UNET_LAYOUT = (
     "for each down level: conv a, conv b; bottleneck conv a, conv b; "
     "for each up level, deepest first: transpose conv, conv a, conv b"
@@ -160,15 +173,7 @@ class UNet(nn.Module):
 
     def width_layers(self) -> list[str]:
         """Module name of the convolution whose output channels each ``widths`` entry gives."""
-        P = self.num_pool_layers
-        names = []
-        for i in range(P):
-            names += [f"down_sample_layers.{i}.layers.0", f"down_sample_layers.{i}.layers.4"]
-        names += ["conv.layers.0", "conv.layers.4"]
-        for j in range(P):
-            block = f"up_conv.{j}.0" if j == P - 1 else f"up_conv.{j}"
-            names += [f"up_transpose_conv.{j}.layers.0", f"{block}.layers.0", f"{block}.layers.4"]
-        return names
+        return unet_width_layers(self.num_pool_layers)
 
     def tied_widths(self) -> list[list[int]]:
         """Groups of ``widths`` indices that must stay equal: none in the U-Net."""

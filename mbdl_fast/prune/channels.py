@@ -149,17 +149,24 @@ def find_priors(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The CNN priors of ``model``, as ``(module path, module)``, each module once.
 
     - ``DEQ`` and any module with a ``.prior``: ``[("prior", model.prior)]``;
-    - ``DeepUnfolding`` (one prior when tied, K untied), ``VarNet`` (T cascades), any module with a
-      ``.priors`` ModuleList: ``[("priors.k", ...)]``;
+    - ``DeepUnfolding`` (one prior when tied, K untied), any module with a ``.priors`` ModuleList:
+      ``[("priors.k", ...)]``;
+    - ``VarNet``: its T cascade priors ``[("cascades.t.model", ...)]``, then its sensitivity network's
+      NormUNet ``("sens_net.norm_unet", ...)`` where it has one;
     - ``RecursiveUnfolding``: its recovery blocks ``[("blocks.i", ...)]``;
     - a prior (anything with ``width_layers()``) or any other module: ``[("", model)]``.
     """
-    from mbdl_fast.solvers import RecursiveUnfolding
+    from mbdl_fast.solvers import RecursiveUnfolding, VarNet
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(model, RecursiveUnfolding):
         found = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    elif isinstance(model, VarNet):
+        found = [(f"cascades.{t}.model", c.model) for t, c in enumerate(model.cascades)]
+        norm_unet = getattr(model.sens_net, "norm_unet", None)
+        if isinstance(norm_unet, nn.Module):
+            found.append(("sens_net.norm_unet", norm_unet))
     elif is_solver(model):
         prior = getattr(model, "prior", None)
         if isinstance(prior, nn.Module):

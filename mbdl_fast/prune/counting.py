@@ -14,7 +14,8 @@ they are a few per cent of the convolutions, and they do not shrink with pruning
 
 A solver applies its prior(s) many times. For a solver, ``macs`` is the cost of one prior
 application (the mean over its priors when they differ); ``macs_per_forward`` is the cost of one
-forward pass where the number of applications is fixed (DeepUnfolding: K; VarNet: T cascades;
+forward pass where the number of applications is fixed (DeepUnfolding: K; VarNet: T cascades, plus
+the sensitivity network once where it has one, although it runs once per coil;
 RecursiveUnfolding in eval mode: L·R), and ``None`` for a DEQ, whose forward costs
 (solver iterations + 1) x ``macs`` (one application of T per iteration, plus the differentiable
 output application).
@@ -146,7 +147,9 @@ def _applications(model: nn.Module, names: list[str]) -> list[str] | None:
     if isinstance(model, DeepUnfolding):
         return [f"priors.{0 if model.tied else k}" for k in range(model.num_iters)]
     if isinstance(model, VarNet):
-        return [f"priors.{t}" for t in range(model.num_cascades)]
+        # The sensitivity network runs once per coil; counted once here (per image and coil).
+        sens = [name for name in names if name.startswith("sens_net.")]
+        return [f"cascades.{t}.model" for t in range(model.num_cascades)] + sens
     if isinstance(model, RecursiveUnfolding):
         return [f"blocks.{i}" for i in range(model.num_blocks) for _ in range(model.max_recursions)]
     return list(names)  # a user solver with .prior / .priors: each prior once

@@ -8,7 +8,7 @@ from mbdl_fast.solvers.deq import DEQ
 from mbdl_fast.solvers.fixed_point import ConvergenceWarning, anderson_solve, fixed_point_solve
 from mbdl_fast.solvers.recursion import COASTBlock, ISTANetPlusBlock, RecursiveUnfolding
 from mbdl_fast.solvers.unfolding import DeepUnfolding
-from mbdl_fast.solvers.varnet import VarNet
+from mbdl_fast.solvers.varnet import SensitivityModel, VarNet
 
 __all__ = [
     "ConvergenceWarning",
@@ -17,6 +17,7 @@ __all__ = [
     "fixed_point_solve",
     "DeepUnfolding",
     "VarNet",
+    "SensitivityModel",
     "RecursiveUnfolding",
     "ISTANetPlusBlock",
     "COASTBlock",

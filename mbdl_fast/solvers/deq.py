@@ -47,7 +47,7 @@ from mbdl_fast.priors.base import denoise
 from mbdl_fast.registry import build, config_of, register
 from mbdl_fast.solvers.fixed_point import MAX_ANDERSON_M, anderson_solve, fixed_point_solve
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "jacobian_frobenius_estimate"]
 
 _SOLVERS = ("anderson", "fixed_point_iter")
 _BACKWARDS = ("jfb", "implicit")
@@ -105,6 +105,19 @@ def _check_option(key: str, value: Any) -> Any:
     raise TypeError(f"{key}: unknown option {key!r} of DEQ; known options: {sorted(DEFAULT_SOLVER_OPTIONS)}")
 
 
+def jacobian_frobenius_estimate(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Hutchinson estimate of ||dfz/dz||_F^2 / n (n = z.numel()), differentiable (create_graph).
+
+    With one Gaussian probe v (complex Gaussian for complex z), E ||v^H J||^2 = ||J||_F^2, so
+    ||vjp(v)||^2 / n is an unbiased estimate of the mean squared Jacobian entry per output (Bai et al.
+    2021, "Stabilizing Equilibrium Models by Jacobian Regularization"). fz: f(z) with z a leaf that
+    requires grad; both of any shape. Returns a 0-dim real tensor.
+    """
+    probe = torch.randn_like(fz)
+    (vjp,) = torch.autograd.grad(fz, z, probe, create_graph=True)
+    return vjp.abs().pow(2).sum() / z.numel()
+
+
 @register("DEQ")
 class DEQ(nn.Module):
     """Deep equilibrium reconstruction z* = T(z*) with SPADE's operator (see the module docstring).
@@ -155,6 +168,7 @@ class DEQ(nn.Module):
         self.configure(**solver_options)
         self.last_info: dict = {}
         self.last_backward_info: dict = {}
+        self._last_solve: tuple | None = None  # (z*, physics, A^H y) of the last forward with autograd on
 
     def _register(self, name: str, value: torch.Tensor, learn: bool) -> None:
         if learn:
@@ -232,19 +246,36 @@ class DEQ(nn.Module):
             return self._solve(lambda z: self._operator(z, physics, AHy, alpha, gamma), z0.detach(), "f")
 
     def forward(
-        self, y: torch.Tensor, physics: nn.Module, x0: torch.Tensor | None = None, return_info: bool = False
+        self,
+        y: torch.Tensor,
+        physics: nn.Module,
+        x0: torch.Tensor | None = None,
+        return_info: bool = False,
+        jac_loss: bool = False,
+        z0: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict]:
         """Reconstruct from measurements ``y`` of ``physics``: x = T(z*), differentiable as ``backward`` says.
 
         Args:
             y: measurements (e.g. complex64 k-space (B, C, H, W) for MRI).
             physics: any mbdl_fast operator (``MultiCoilMRI``, ``SuperResolution``, ``BlockCS``, ...).
-            x0: initial iterate shaped like A^H y (default A^H y).
+            x0: initial iterate shaped like A^H y (default A^H y); ``z0`` is its torchdeq-style alias for a
+                warm start (e.g. the previous slice's or a cheaper model's reconstruction). Give one, not both.
             return_info: also return the forward solver's info (also kept in ``last_info``).
+            jac_loss: also put in ``info["jac_loss"]`` a differentiable Hutchinson estimate of
+                ||dT/dz (z*)||_F^2 / n (Bai et al. 2021, torchdeq's ``jac_reg``): E_v ||v^H dT/dz||^2 / n with
+                v ~ N(0, I), one probe; adding ``weight * jac_loss`` to a training loss keeps T contractive
+                around its fixed points, so the solver converges in fewer iterations. Also ``info["slow_gain"]``:
+                (B,) gains of T along the solver's last residual direction (``_slow_gain``), for a hinge such as
+                ``relu(slow_gain - 0.9)`` on the slowest mode.
 
         Returns:
             x shaped like A^H y, or ``(x, info)``.
         """
+        if z0 is not None:
+            if x0 is not None:
+                raise ValueError("z0: x0 and z0 name the same initial iterate; give one of them")
+            x0 = z0
         check_operator("physics", physics, ("A", "A_adjoint", "A_adjoint_A"))
         check_nonempty("y", check_tensor("y", y), "measurements")
         checks = _checks_wanted(True)
@@ -260,15 +291,27 @@ class DEQ(nn.Module):
         # Inputs are checked once: the iterations skip the operator's and the prior's NaN scans.
         z_star, info = run_unchecked(self.fixed_point, y, physics, x0=x0, AHy=AHy.detach())
         self.last_info = info
+        self._last_solve = (z_star, physics, AHy.detach()) if torch.is_grad_enabled() else None
+        if jac_loss and not torch.is_grad_enabled():
+            raise RuntimeError("jac_loss: the Jacobian estimate needs autograd; call with gradients enabled")
         if self.solver_options["backward"] == "implicit" and torch.is_grad_enabled():
-            out = run_unchecked(self._implicit_output, z_star, physics, AHy)
+            out = run_unchecked(self._implicit_output, z_star, physics, AHy, info if jac_loss else None)
+        elif jac_loss:
+            z = z_star.detach().requires_grad_()
+            out = run_unchecked(self._operator, z, physics, AHy, self.alpha, self.gamma)
+            info["jac_loss"] = jacobian_frobenius_estimate(out, z)
+            info["slow_gain"] = run_unchecked(self._slow_gain, z_star, out, physics, AHy)
         else:
             out = run_unchecked(self._operator, z_star, physics, AHy, self.alpha, self.gamma)
         return (out, info) if return_info else out
 
-    def _implicit_output(self, z_star: torch.Tensor, physics: nn.Module, AHy: torch.Tensor) -> torch.Tensor:
+    def _implicit_output(
+        self, z_star: torch.Tensor, physics: nn.Module, AHy: torch.Tensor, jac_info: dict | None = None
+    ) -> torch.Tensor:
         z = z_star.detach().requires_grad_()
         fz = self._operator(z, physics, AHy, self.alpha, self.gamma)
+        if jac_info is not None:
+            jac_info["jac_loss"] = jacobian_frobenius_estimate(fz, z)
         # The hook goes on an alias of fz, not on fz itself: a hook on fz whose closure holds fz
         # would be a reference cycle through C++ that the garbage collector cannot break.
         out = fz.view_as(fz)
@@ -285,6 +328,33 @@ class DEQ(nn.Module):
 
         out.register_hook(adjoint)
         return out
+
+    def _slow_gain(self, z_star: torch.Tensor, fz: torch.Tensor, physics: nn.Module, AHy: torch.Tensor) -> torch.Tensor:
+        """Per-sample gain ||T(z* + d) - T(z*)|| / ||d|| along d = the solver's last residual T(z*) - z*, scaled to
+        1e-3 ||z*||: (B,), differentiable in the parameters.
+
+        After many iterations the residual is dominated by the slowest mode of the iteration, so this is a
+        finite-difference estimate of the Jacobian's gain where convergence is slowest (a gain near 1 is what
+        leaves a solve at its cap), which a Frobenius-norm estimate averages away.
+        """
+        dims = tuple(range(1, z_star.dim()))
+        r = (fz.detach() - z_star).to(z_star.dtype)
+        r_norm = torch.linalg.vector_norm(r, dim=dims, keepdim=True).clamp_min(torch.finfo(r.real.dtype).tiny)
+        z_norm = torch.linalg.vector_norm(z_star, dim=dims, keepdim=True)
+        d = r / r_norm * (1e-3 * z_norm)
+        shifted = self._operator(z_star + d, physics, AHy, self.alpha, self.gamma)
+        diff = torch.linalg.vector_norm(shifted - fz, dim=dims)
+        return diff / torch.linalg.vector_norm(d, dim=dims).clamp_min(torch.finfo(diff.dtype).tiny)
+
+    def jacobian_penalty(self) -> torch.Tensor:
+        """``jacobian_frobenius_estimate`` of T at the fixed point of the last forward call run with autograd:
+        a differentiable ||dT/dz (z*)||_F^2 / n for a training loss whose forward calls are not this module's own
+        (e.g. a fine-tuning strategy)."""
+        if self._last_solve is None:
+            raise RuntimeError("jacobian_penalty: no forward call with autograd enabled since the last inference")
+        z_star, physics, AHy = self._last_solve
+        z = z_star.detach().requires_grad_()
+        return jacobian_frobenius_estimate(self._operator(z, physics, AHy, self.alpha, self.gamma), z)
 
     # -- configs ----------------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:

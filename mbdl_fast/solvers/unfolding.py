@@ -102,11 +102,18 @@ def _adjoint_measurements(physics: nn.Module, y: torch.Tensor, x0: torch.Tensor 
 
 
 def _check_solver_inputs(y: torch.Tensor, x0: torch.Tensor | None, physics: object) -> None:
-    """One NaN/Inf scan per forward (a device sync), so the iterations skip theirs (``run_unchecked``)."""
+    """One NaN/Inf scan per forward (a device sync), so the iterations skip theirs (``run_unchecked``); none inside
+    a traced graph (torch.compile, torch.export, a CUDA-graph capture), where it would be a data-dependent branch."""
+    from mbdl_fast.dc import _checks_wanted
+
     check_operator("physics", physics, ("A", "A_adjoint"))
-    check_finite("y", check_nonempty("y", check_tensor("y", y), "measurements"))
+    check_nonempty("y", check_tensor("y", y), "measurements")
     if x0 is not None:
-        check_finite("x0", check_nonempty("x0", check_tensor("x0", x0), "image"))
+        check_nonempty("x0", check_tensor("x0", x0), "image")
+    if _checks_wanted(True):
+        check_finite("y", y)
+        if x0 is not None:
+            check_finite("x0", x0)
 
 
 def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
