@@ -173,6 +173,20 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt_real(args: argparse.Namespace) -> int:
+    from mbdl_fast.adapt_real import adapt_checkpoint
+
+    result = adapt_checkpoint(
+        args.checkpoint, args.out, args.setting, strategy=args.strategy, steps=args.steps, lr=args.lr,
+        jac_reg=args.jac_reg, patience=args.patience, seed=args.seed, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    final = result["final"]
+    solved = f", {final['iterations']:.0f} it., converged {final['converged']:.0%}" if "iterations" in final else ""
+    print(f"kept step {result['best_step'] + 1} of {len(result['history'])}: validation error "
+          f"{final['validation_error']:.5f}{solved}; wrote {args.out}.safetensors and .json")  # fmt: skip
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -267,6 +281,39 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="write the pruned model and prune_report.json here")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=_prune)
+
+    from mbdl_fast.adapt_real import ADAPT_JAC_REG, ADAPT_LR, ADAPT_PATIENCE, ADAPT_STEPS, ADAPT_STRATEGIES
+
+    ad = sub.add_parser("adapt-real", help="test-time adaptation of a DEQ to the shipped real scan's undersampled "
+                        "measurements (self-supervised, no reference); see mbdl_fast/adapt_real.py")  # fmt: skip
+    ad.add_argument("--checkpoint", required=True, help="model path without suffix, e.g. mbdl_fast/weights/deq_mri_4x")
+    ad.add_argument("--out", required=True, help="adapted model path without suffix")
+    ad.add_argument("--setting", default="random4x", choices=["random4x", "uniform6x"], help="the demo's mask")
+    ad.add_argument(
+        "--strategy",
+        default="split",
+        choices=ADAPT_STRATEGIES,
+        help="split: predict held-out k-space columns (SSDU); rei: SPADE's self-supervised (REI)",
+    )
+    ad.add_argument("--steps", type=int, default=ADAPT_STEPS, help=f"Adam steps (default {ADAPT_STEPS})")
+    ad.add_argument("--lr", type=float, default=ADAPT_LR, help=f"learning rate (default {ADAPT_LR:g})")
+    ad.add_argument(
+        "--jac-reg",
+        dest="jac_reg",
+        type=float,
+        default=ADAPT_JAC_REG,
+        help=f"weight of the DEQ Jacobian penalty (default {ADAPT_JAC_REG:g})",
+    )
+    ad.add_argument(
+        "--patience",
+        type=int,
+        default=ADAPT_PATIENCE,
+        help=f"stop after this many steps without a lower validation error (default {ADAPT_PATIENCE})",
+    )
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ad.add_argument("--quiet", action="store_true", help="no progress output")
+    ad.set_defaults(func=_adapt_real)
 
     bn = sub.add_parser("bench", help="the benchmark ladder (DEQ/DU) and pruned-prior convs: Markdown, JSON, PNG")
     bn.add_argument("--out", default="bench/results/latest", help="output directory (default bench/results/latest)")

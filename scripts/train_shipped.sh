@@ -9,7 +9,7 @@ MRI=(--size 128 --coils 8 --batch-size 2)
 DEQ_TRAIN='{"f_max_iter": 20, "f_tol": 1e-3}'
 # Converging DEQs: fine-tuned at the evaluation tolerance with the Jacobian regulariser (Bai et al. 2021)
 DEQ_CONVERGE='{"f_max_iter": 40, "f_tol": 1e-4}'
-STEPS="${STEPS:-1 2 3 4 5 7 8 9 6}"
+STEPS="${STEPS:-1 2 3 4 5 7 8 9 6 10}"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -80,4 +80,10 @@ for run in deq_mri_4x deq_mri_6x_uniform varnet_mri_4x deq_sr_2x; do
     cp "$src/model_best.json" "mbdl_fast/weights/$run.json"
   fi
 done
+if want 10; then
+  # After the copy above: adapts the deq_mri_4x that ships (rerun it alone after new weights: STEPS=10).
+  log "10 deq_mri_4x adapted at test time to the real scan's 4x measurements (self-supervised, no reference)"
+  mbdl-fast adapt-real --checkpoint mbdl_fast/weights/deq_mri_4x --setting random4x \
+    --out mbdl_fast/weights/deq_mri_4x_real_ss --quiet
+fi
 log "done"
