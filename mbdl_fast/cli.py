@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("noise_std", float), ("sr_factor", int), ("cs_ratio", float), ("denoise_sigma", float),
                        ("max_train_items", int), ("max_val_items", int), ("epochs", int), ("batch_size", int),
                        ("lr", float), ("grad_clip", float), ("seed", int), ("jac_reg", float),
-                       ("slow_reg", float)):  # fmt: skip
+                       ("slow_reg", float), ("slow_target", float)):  # fmt: skip
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"])
     train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "box"])
