@@ -234,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("noise_std", float), ("sr_factor", int), ("cs_ratio", float), ("denoise_sigma", float),
                        ("max_train_items", int), ("max_val_items", int), ("epochs", int), ("batch_size", int),
                        ("lr", float), ("grad_clip", float), ("seed", int), ("jac_reg", float),
-                       ("slow_reg", float)):  # fmt: skip
+                       ("slow_reg", float), ("slow_target", float)):  # fmt: skip
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                            help=f"(default: {getattr(defaults, name)})")  # fmt: skip
     train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"],
                        help=f"(default: {defaults.mask_type})")  # fmt: skip
-    train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "box"],
+    train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "bilinear", "box", "block_gaussian", "block_bicubic"],
                        help=f"(default: {defaults.sr_kernel})")  # fmt: skip
     train.add_argument("--loss", choices=["l1", "mse", "smooth_l1"], help=f"(default: {defaults.loss})")
     train.add_argument("--out", help=f"output directory for checkpoints and config.json (default: {defaults.out})")

@@ -38,8 +38,6 @@ TASKS = ("mri", "sr", "block-cs", "denoise")
 #: The MRI test split repeats each of the 7 test slices under this many independent mask / coil / phase draws
 #: (42 images), enough for a paired 95 % confidence interval of a 0.1 dB difference (mbdl_fast.evaluate).
 TEST_DRAWS = 6
-#: slow_reg's hinge: gains of T along its slowest mode above this are penalised
-SLOW_GAIN_TARGET = 0.9
 #: Crops per split for the image tasks (SR, block CS): 40 test crops for the same reason.
 _CROPS = {"train": 64, "val": 8, "test": 40}
 MODELS = ("deq", "du", "varnet", "recursion", "edsr", "dncnn", "unet")
@@ -77,8 +75,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     # DEQ only: weight of the Jacobian regulariser ||dT/dz (z*)||_F^2 / n (Hutchinson, one probe) in the loss
     jac_reg: float = 0.0
-    # DEQ only: weight of the hinge mean(relu(g - 0.9)) on T's gain g along the solver's slowest mode (DEQ slow_gain)
+    # DEQ only: weight of the hinge mean(relu(g - slow_target)) on T's gain g along the solver's slowest mode
+    # (DEQ slow_gain): gains above slow_target are pushed down, so no image is left at the iteration cap
     slow_reg: float = 0.0
+    slow_target: float = 0.9
     seed: int = 0
     out: str = "runs/train"
     resume: bool = False
@@ -109,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"jac_reg: expected a finite number >= 0, got {self.jac_reg!r}")
         if not (isinstance(self.slow_reg, (int, float)) and math.isfinite(self.slow_reg) and self.slow_reg >= 0):
             raise ValueError(f"slow_reg: expected a finite number >= 0, got {self.slow_reg!r}")
+        if not (isinstance(self.slow_target, (int, float)) and 0 < self.slow_target < 1):
+            raise ValueError(f"slow_target: expected a gain in (0, 1), got {self.slow_target!r}")
         if (self.jac_reg > 0 or self.slow_reg > 0) and self.model != "deq":
             raise ValueError(f"jac_reg: the Jacobian regulariser is for DEQ models, got model {self.model!r}")
 
@@ -480,7 +482,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 jac_losses.append(info["jac_loss"].item())
                 gains.append(info["slow_gain"].max().item())
                 iterations.append(float(info["iterations"]))
-                slow = torch.relu(info["slow_gain"] - SLOW_GAIN_TARGET).mean()
+                slow = torch.relu(info["slow_gain"] - cfg.slow_target).mean()
                 loss = _loss(cfg, out, target) + cfg.jac_reg * info["jac_loss"] + cfg.slow_reg * slow
             else:
                 loss = _loss(cfg, reconstruct(model, physics, model_input), target)
