@@ -3,7 +3,8 @@
 The shipped in-vivo slice (``mbdl_fast.data.load_real_brain``: 16 coils, 128 x 128, fully sampled) is
 undersampled retrospectively twice:
 
-- fastMRI's 4x random column mask (8% centre), with the shipped ``deq_mri_4x`` and ``deq_mri_4x_pruned50``;
+- fastMRI's 4x random column mask (8% centre), with the shipped ``deq_mri_4x``, ``deq_mri_4x_pruned50`` and
+  ``e2e_varnet_mri_4x``;
 - SPADE's 6x uniform mask with its ACS band, with the shipped ``deq_mri_6x_uniform`` (no pruned 6x model
   is shipped).
 
@@ -17,7 +18,8 @@ across it, and its maps then lose the object's edge). Rows:
 - CG-SENSE: argmin_x ||A x - y||² by CG, stopped after 10 iterations: on noisy scanner data unregularised
   CG amplifies noise as it converges (it loses several dB by 30 iterations), so early stopping is its
   regulariser;
-- DEQ, dense and pruned: the shipped models at tol 1e-4, cap 100, both with the same maps.
+- DEQ, dense and pruned: the shipped models at tol 1e-4, cap 100, both with the same maps;
+- E2E-VarNet: its own coil maps, from its sensitivity network on the ACS lines (16 coils here, 8 in training).
 
 Metrics are PSNR / SSIM of magnitudes against |x_ref| (data range: its maximum). The k-space is scaled as
 the loader documents (full scan's root-sum-of-squares maximum = 1), the scale the models were trained at.
@@ -37,7 +39,8 @@ from mbdl_fast.metrics import nmse, psnr, ssim
 
 CG_ITERATIONS = 10
 #: Row labels of the shipped DEQ models.
-DEQ_LABELS = {"deq_mri_4x": "DEQ", "deq_mri_4x_pruned50": "DEQ pruned 50%", "deq_mri_6x_uniform": "DEQ"}
+LABELS = {"deq_mri_4x": "DEQ", "deq_mri_4x_pruned50": "DEQ pruned 50%", "deq_mri_6x_uniform": "DEQ",
+          "e2e_varnet_mri_4x": "E2E-VarNet (own maps)"}  # fmt: skip
 MASK_SEED = 0
 #: ESPIRiT on an ACS band: calibrate over all readout points (H) and at most 24 lines, 4 x 4 kernels.
 ACS_KERNEL_WIDTH = 4
@@ -50,7 +53,7 @@ def _settings(width: int) -> list[tuple[str, str, torch.Tensor, tuple[str, ...]]
 
     return [
         ("random4x", "fastMRI random 4x (8% centre)", random_mask(width, 4, 0.08, seed=MASK_SEED),
-         ("deq_mri_4x", "deq_mri_4x_pruned50")),
+         ("deq_mri_4x", "deq_mri_4x_pruned50", "e2e_varnet_mri_4x")),
         ("uniform6x", "SPADE uniform 6x + ACS", uniform_acs_mask(width, 6), ("deq_mri_6x_uniform",)),
     ]  # fmt: skip
 
@@ -116,10 +119,14 @@ def run_real_demo(
                         raise
                     notes.append(f"{name} skipped: {err}")  # an install without the shipped weights
                     continue
+                if not hasattr(model, "configure"):  # deep unfolding: its K cascades
+                    x, t = _timed(lambda model=model, y=y, physics=physics: model(y, physics), device)
+                    found.append((LABELS[name], x, t, float(model.num_cascades), None))
+                    continue
                 model.configure(f_tol=DEQ_TOL, f_max_iter=DEQ_MAX_ITER)  # dense and pruned at one tolerance
                 x, t = _timed(lambda model=model, y=y, physics=physics: model(y, physics), device)
                 info = model.last_info
-                found.append((f"{DEQ_LABELS[name]} (tol {DEQ_TOL:g})", x, t,
+                found.append((f"{LABELS[name]} (tol {DEQ_TOL:g})", x, t,
                               info["iterations_per_sample"].float().mean().item(),
                               info["converged"].float().mean().item()))  # fmt: skip
         lines.append(f"{label}: keeps {float(mask.mean()):.1%} of k-space; ACS ESPIRiT {espirit_seconds[key]:.2f} s")
