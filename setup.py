@@ -29,6 +29,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -41,10 +42,25 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "80;86;89;90"
 NOT_BUILT_HINT = "set MBDL_FAST_CUDA=0 to install without the extension (the torch and triton backends still work)"
+# What to install for a part the build leaves out: the lines `mbdl-fast info` prints (read as a file: the package
+# itself imports torch, which pip's isolated build does not have).
+HINTS = runpy.run_path(str(ROOT / "mbdl_fast" / "_build_hints.py"))
 
 
 def say(message: str) -> None:
     print(f"mbdl_fast setup: {message}", file=sys.stderr, flush=True)
+
+
+def report_levels(build_dir: Path) -> None:
+    """Say which CUDA levels CMake built and what to install for the others (pip shows it with -v;
+    `mbdl-fast info` says the same after the install)."""
+    header = build_dir / "generated" / "mbdl_fast_config.h"
+    text = header.read_text() if header.is_file() else ""
+    for part, label in (("level1", "Level-1 DC step (cuFFT LTO callbacks)"), ("level2", "Level-2 DC step (cuFFTDx)")):
+        found = re.search(rf'#define MBDL_FAST_{part.upper()}_DETAIL "(.*)"', text)
+        detail = found.group(1) if found else "unknown (no generated header)"
+        hint = "" if detail.startswith("built") else HINTS["hint"](part, detail)
+        say(f"{label}: {detail}" + (f"; to build it: {hint}" if hint else ""))
 
 
 def cuda_home() -> str:
@@ -141,7 +157,10 @@ def cuda_build_plan() -> tuple[str, str] | None:
             "MBDL_FAST_CUDA=1 asks for the CUDA extension mbdl_fast._C, but " + "; and ".join(missing) + ". "
             "Install the CUDA toolkit (or point CUDA_HOME at it), or use MBDL_FAST_CUDA=auto or 0."
         )
-    say("MBDL_FAST_CUDA=auto: not building the CUDA extension mbdl_fast._C: " + "; ".join(missing))
+    say(
+        "MBDL_FAST_CUDA=auto: not building the CUDA extension mbdl_fast._C: " + "; ".join(missing) + ". "
+        f"The torch backend (and triton on GPUs) works without it; for the cuda backend: {HINTS['EXTENSION']}"
+    )
     return None
 
 
@@ -205,6 +224,7 @@ class CMakeBuild(build_ext):
             ) from exc
         if not target.is_file():
             raise SystemExit(f"building {ext.name}: CMake finished but {target} is missing; {NOT_BUILT_HINT}")
+        report_levels(build_dir)
 
 
 plan = cuda_build_plan()

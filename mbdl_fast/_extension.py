@@ -120,6 +120,25 @@ def level2_sizes() -> tuple[int, ...]:
     return tuple(ext.dc_level2_sizes()) if ext is not None else ()
 
 
+def build_report() -> list[tuple[str, bool, str]]:
+    """``(part, built, detail)`` for the CUDA extension and its Level-1 and Level-2 DC steps as installed here; the
+    detail starts with "built:" or "not built:", and a part left out says why and, where a package fixes it, what
+    to install (``mbdl-fast info`` prints this)."""
+    from mbdl_fast import _build_hints
+
+    ext, why = _load()
+    if ext is None:
+        return [("CUDA extension mbdl_fast._C", False, f"not built: {why}; {_build_hints.EXTENSION}")]
+    built = ext.built_with()
+    archs = built.get("cuda_archs")
+    rows = [("CUDA extension mbdl_fast._C", True, f"built: CUDA {built.get('cuda_runtime')}, architectures {archs}")]
+    for part, label in (("level1", "Level-1 DC step (cuFFT LTO callbacks)"), ("level2", "Level-2 DC step (cuFFTDx)")):
+        detail = str(built.get(f"{part}_detail", "no reason recorded"))
+        hint = "" if built.get(part) else _build_hints.hint(part, detail)
+        rows.append((label, bool(built.get(part)), f"{detail}; to build it: {hint}" if hint else detail))
+    return rows
+
+
 def _require_extension() -> ModuleType:
     ext, why = _load()
     if ext is None:

@@ -19,6 +19,9 @@ ESPIRiT in five steps, all batched tensor operations (the same computation as si
 5. Crop: maps are zero where that eigenvalue is <= ``crop`` (outside the object it falls towards 0).
 
 Inside the object Σ_c |S_c|² = 1 per pixel, the normalisation the SENSE operators assume.
+
+Maps are unique only up to a common phase per pixel: S_c e^{iφ} reconstructs the image x e^{-iφ}, of the same
+magnitude. ``align_phase`` picks φ so that a given reconstruction becomes real and non-negative.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from mbdl_fast._validate import check_complex, check_finite, describe
 
-__all__ = ["calibration_shape", "espirit"]
+__all__ = ["align_phase", "calibration_shape", "coil_support", "espirit"]
 
 
 def _centred_box(n: int, size: int) -> slice:
@@ -175,3 +178,41 @@ def espirit(
     maps = torch.zeros(b, height, width, c, dtype=gram.dtype, device=gram.device)
     maps[need] = vectors * (eigenvalues[:, -1:] > crop)
     return maps.permute(0, 3, 1, 2).contiguous().to(torch.complex64)
+
+
+def align_phase(maps: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Coil maps S_c e^{iφ}, φ = arg(image): the same SENSE model, with ``image``'s phase moved into the maps.
+
+    With the new maps every reconstruction x becomes x e^{-iφ}: its magnitude is unchanged (so are CG-SENSE and
+    zero-filled magnitudes, whose iterates are multiplied by e^{-iφ} exactly), and ``image`` itself becomes
+    real and non-negative. A learned prior trained on smooth-phase images then sees a nearly real image instead
+    of the scan's own phase (B0 and coil-0 phase wraps). Where ``image`` is 0 the maps are kept.
+
+    Args:
+        maps: complex ``(B, C, H, W)`` coil maps (e.g. ``espirit``'s).
+        image: complex ``(B, H, W)`` reconstruction with these maps (e.g. CG-SENSE of the undersampled scan).
+
+    Returns:
+        complex ``(B, C, H, W)`` maps, Σ_c |S_c|² unchanged.
+    """
+    maps = check_complex("maps", maps, "(B, C, H, W)", 4)
+    image = check_complex("image", image, "(B, H, W)", 3)
+    if image.shape != (maps.shape[0], *maps.shape[2:]):
+        raise ValueError(
+            f"image: expected complex (B, H, W) = {(maps.shape[0], *maps.shape[2:])}, got {describe(image)}"
+        )
+    check_finite("image", image)
+    magnitude = image.abs()
+    phase = torch.where(magnitude > 0, image / magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny), 1)
+    return maps * phase[:, None].to(maps.dtype)
+
+
+def coil_support(maps: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(B, H, W)``: the pixels some coil sees, Σ_c |S_c|² > 0, for complex maps ``(B, C, H, W)``.
+
+    ESPIRiT crops its maps to zero outside the object; there the SENSE model A = M F S cannot see the image at
+    all (zero-filled and CG-SENSE images are 0 there by construction), and no measurement-based loss can
+    constrain what a learned prior puts there.
+    """
+    maps = check_complex("maps", maps, "(B, C, H, W)", 4)
+    return (maps.real.square() + maps.imag.square()).sum(1) > 0

@@ -18,7 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from mbdl_fast._validate import check_complex, check_finite, check_same_device, describe
+from mbdl_fast._validate import (
+    check_complex,
+    check_finite,
+    check_operator,
+    check_same_device,
+    check_step,
+    check_tensor,
+    describe,
+    run_unchecked,
+    value_checks_wanted,
+)
 from mbdl_fast.backends import resolve_backend
 
 _FUSED = ("triton", "cuda")
@@ -147,10 +157,8 @@ def _mri_dc_step_cuda(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_
 # Public entry point
 # ------------------------------------------------------------------------------------------------
 def _checks_wanted(check_inputs: bool) -> bool:
-    # NaN checks synchronise the GPU; never inside a compiled graph or a CUDA-graph capture.
-    if not check_inputs or torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    # NaN checks synchronise the GPU; never inside a compiled graph, a CUDA-graph capture or a solver's iterations.
+    return check_inputs and value_checks_wanted()
 
 
 def _gamma_vector(gamma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -179,27 +187,45 @@ def dc_step(
         physics: a ``mbdl_fast.physics`` operator.
         x: image, e.g. complex64 (B, H, W) for MRI.
         y: measurements, e.g. complex64 (B, C, H, W) k-space; may be None when ``AHy`` is given.
-        gamma: step size, a float or a real tensor of shape () or (B,); differentiable.
-        AHy: A^H y precomputed once per solve (B, H, W); with a Cartesian-line mask the step then
-            transforms along the sampled axis only.
-        check_inputs: refuse NaN/Inf in x, y, AHy (a GPU synchronisation; solvers check once per solve).
+        gamma: step size >= 0, a float or a real tensor of shape () or (B,); differentiable.
+        AHy: A^H y precomputed once per solve, shaped and typed exactly like x (then ``y`` is not used); with a
+            Cartesian-line mask the step then transforms along the sampled axis only.
+        check_inputs: refuse NaN/Inf in x, y, AHy and gamma (a GPU synchronisation; solvers check once per solve).
     """
     from mbdl_fast.physics.mri import MultiCoilMRI
 
+    check_operator("physics", physics, ("A", "A_adjoint", "A_adjoint_A"))
+    x = check_tensor("x", x)
+    for arg, t in (("y", y), ("AHy", AHy)):
+        if t is not None:
+            check_tensor(arg, t)
     supported = ("torch",) + (_FUSED if isinstance(physics, MultiCoilMRI) else ())
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    name = resolve_backend(backend, device, supported)
+    name = resolve_backend(backend, x.device, supported)
     if y is None and AHy is None:
         raise ValueError("y: expected measurements (or AHy = A^H y precomputed), got None for both")
-    if _checks_wanted(check_inputs):
+    checks = _checks_wanted(check_inputs)
+    check_step("gamma", gamma, x.shape[0] if x.dim() else 1, checks)
+    if checks:
         for arg, t in (("x", x), ("y", y), ("AHy", AHy)):
-            if isinstance(t, torch.Tensor):
+            if t is not None:
                 check_finite(arg, t)
+    # Checked once here: the operator's own NaN scans would repeat these.
     if not isinstance(physics, MultiCoilMRI):
-        if AHy is not None:
-            return x - _gamma_view_like(gamma, x) * (physics.A_adjoint_A(x) - AHy)
+        return run_unchecked(_generic_dc_step, physics, x, y, gamma, AHy)
+    return run_unchecked(_mri_dc_step, physics, x, y, gamma, name, AHy)
+
+
+def _generic_dc_step(physics, x, y, gamma, ahy):
+    """Any operator: its own reference, or x - gamma (A^H A x - A^H y) with ``AHy`` shaped exactly like x."""
+    if ahy is None:
+        check_operator("physics", physics, ("dc_step_reference",))
         return physics.dc_step_reference(x, y, gamma)
-    return _mri_dc_step(physics, x, y, gamma, name, AHy)
+    normal = physics.A_adjoint_A(x)  # checks x against the operator
+    if ahy.dtype != x.dtype or ahy.shape != x.shape:
+        dtype = str(x.dtype).replace("torch.", "")
+        raise ValueError(f"AHy: expected {dtype} {tuple(x.shape)} like x (A^H y), got {describe(ahy)}")
+    check_same_device([("x", x), ("AHy", ahy)])
+    return x - _gamma_view_like(gamma, x) * (normal - ahy)
 
 
 def _gamma_view_like(gamma, x):
@@ -213,8 +239,9 @@ def _mri_dc_step(physics, x, y_in, gamma, backend, ahy_in):
     y = None if y_in is None else physics._kspace_in("y", y_in, img)
     ahy = None
     if ahy_in is not None:
-        if isinstance(ahy_in, torch.Tensor) and ahy_in.shape != x.shape:
-            raise ValueError(f"AHy: expected complex64 {tuple(img.shape)} like x, got {describe(ahy_in)}")
+        if ahy_in.shape != x.shape or ahy_in.dtype != x.dtype:
+            dtype = str(x.dtype).replace("torch.", "")
+            raise ValueError(f"AHy: expected {dtype} {tuple(x.shape)} like x (A^H y), got {describe(ahy_in)}")
         ahy, _ = physics._image_in("AHy", ahy_in)
     h, w = img.shape[-2:]
     if backend == "torch":

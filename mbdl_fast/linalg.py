@@ -9,9 +9,16 @@ the gradients of whatever M depends on follow from r = b - M x at the solution.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
+
+from mbdl_fast._validate import MAX_ITERATIONS, check_int, check_number, check_tensor, describe
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solve (fixed point, Anderson, CG) stopped at its cap with samples above the tolerance."""
 
 
 def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -25,12 +32,20 @@ def conjugate_gradient(
     x0: torch.Tensor | None = None,
     tol: float = 1e-6,
     max_iter: int = 50,
+    warn_as: str | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Solve ``apply(x) = b`` for each sample of a batch (dim 0), ``apply`` Hermitian positive definite.
 
     Stops a sample once ||r|| <= tol * ||b|| (relative residual); stops the loop when all have,
     or at ``max_iter``. Returns ``(x, info)`` with ``info = {"iterations", "residual" (B,), "converged" (B,)}``.
+    With ``warn_as`` (the caller's name, e.g. ``"prox_l2"``), samples left above ``tol`` raise a
+    :class:`ConvergenceWarning` as the fixed-point solvers do (not with ``tol = 0``: a fixed iteration count).
     """
+    b = check_tensor("b", b)
+    if b.dim() < 1 or b.numel() == 0:
+        raise ValueError(f"b: expected a non-empty batch (B, ...), got {describe(b)}")
+    tol = check_number("tol", tol, 0.0)  # 0: exactly max_iter iterations
+    max_iter = check_int("max_iter", max_iter, 1, MAX_ITERATIONS)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply(x) if x0 is not None else b.clone()
     p = r.clone()
@@ -53,7 +68,17 @@ def conjugate_gradient(
         p = r + beta.view(shape) * p
         rs = torch.where(active, rs_new, rs)
     residual = torch.sqrt(rs) / b_norm
-    return x, {"iterations": it, "residual": residual, "converged": residual <= tol}
+    converged = residual <= tol
+    if warn_as is not None and tol > 0 and not bool(converged.all()):
+        failed = int((~converged).sum())
+        warnings.warn(
+            f"{warn_as}: CG left {failed} of {b.shape[0]} samples above cg_tol={tol:g} after cg_max_iter={max_iter} "
+            f"iterations (largest relative residual {float(residual[~converged].max()):.3e}); raise cg_max_iter or "
+            "see physics.last_prox_info['converged']",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return x, {"iterations": it, "residual": residual, "converged": converged}
 
 
 class _ImplicitSolve(torch.autograd.Function):
@@ -77,16 +102,17 @@ def solve_hpd(
     x0: torch.Tensor | None = None,
     tol: float = 1e-6,
     max_iter: int = 50,
+    warn_as: str | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """``conjugate_gradient`` without recording its iterations, differentiated implicitly (module docstring).
 
     The forward solve runs under ``no_grad``; with autograd on, one more ``apply`` builds r = b - M x* (zero up to
     the residual) whose graph carries the gradients to b and to M's parameters (a step size, coil maps), and the
     backward solves M g = dL/dx by CG with the same ``tol`` and ``max_iter``. M must be Hermitian (it is its own
-    adjoint), as for ``conjugate_gradient``.
+    adjoint), as for ``conjugate_gradient``; ``warn_as`` as there (the forward solve warns when it stops short).
     """
     with torch.no_grad():
-        x, info = conjugate_gradient(apply, b, x0=x0, tol=tol, max_iter=max_iter)
+        x, info = conjugate_gradient(apply, b, x0=x0, tol=tol, max_iter=max_iter, warn_as=warn_as)
     if torch.is_grad_enabled():
         r = b - apply(x)
         if r.requires_grad:

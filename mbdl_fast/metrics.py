@@ -25,7 +25,7 @@ import functools
 import torch
 from torch.nn.functional import conv2d
 
-from mbdl_fast._validate import check_finite, check_same_device, check_tensor, describe
+from mbdl_fast._validate import check_finite, check_nonempty, check_same_device, check_tensor, describe
 
 __all__ = ["nmse", "psnr", "ssim"]
 
@@ -66,7 +66,11 @@ def nmse(x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torc
     if reduction == "volume":
         return (ts - xs).square().sum() / ts.square().sum()
     err = (ts - xs).square().sum(dim=(1, 2, 3))
-    return _reduce(err / ts.square().sum(dim=(1, 2, 3)), reduction)
+    energy = ts.square().sum(dim=(1, 2, 3))
+    zero = torch.nonzero(energy == 0).flatten().tolist()
+    if zero:
+        raise ValueError(f"target: all zeros in image(s) {zero}; NMSE divides by ||target||², which is 0 there")
+    return _reduce(err / energy, reduction)
 
 
 def ssim(
@@ -154,6 +158,7 @@ def _as_magnitude(name: str, t: object) -> torch.Tensor:
         raise TypeError(f"{name}: expected a real floating or complex (B, H, W) or (B, 1, H, W), got {describe(t)}")
     if t.dim() not in (3, 4) or (t.dim() == 4 and t.shape[1] != 1):
         raise ValueError(f"{name}: expected (B, H, W) or (B, 1, H, W), got {describe(t)}")
+    check_nonempty(name, t, "(B, H, W) or (B, 1, H, W)")
     check_finite(name, t)
     t = t.abs() if t.is_complex() else t
     return t.to(torch.float64).reshape(t.shape[0], 1, t.shape[-2], t.shape[-1])

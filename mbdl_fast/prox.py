@@ -26,11 +26,9 @@ Other operators (super-resolution, block CS) run their own ``prox_l2``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mbdl_fast._validate import check_finite, describe
+from mbdl_fast._validate import check_finite, check_operator, check_step, check_tensor, describe, run_unchecked
 from mbdl_fast.backends import resolve_backend
 from mbdl_fast.dc import _FUSED, _checks_wanted, _gamma_vector, mri_dc_step_op
 
@@ -103,23 +101,6 @@ mri_prox_l2_op.register_autograd(_prox_backward, setup_context=_prox_setup)
 # ------------------------------------------------------------------------------------------------
 # Public entry point
 # ------------------------------------------------------------------------------------------------
-def _check_gamma(gamma: float | torch.Tensor, tensors_too: bool) -> None:
-    """A prox step is >= 0 and finite (a negative one makes I + gamma A^H A indefinite, 1 + gamma M² possibly 0)."""
-    if isinstance(gamma, torch.Tensor):
-        if not tensors_too or gamma.is_complex() or gamma.numel() == 0:
-            return
-        check_finite("gamma", gamma)
-        low = float(gamma.detach().min())
-        if low < 0:
-            raise ValueError(
-                f"gamma: expected >= 0 (the prox of a convex data term), got min {low:g} ({describe(gamma)})"
-            )
-        return
-    value = float(gamma)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"gamma: expected a finite real >= 0 (the prox of a convex data term), got {value!r}")
-
-
 def prox_l2(
     physics: torch.nn.Module,
     z: torch.Tensor,
@@ -144,21 +125,23 @@ def prox_l2(
     """
     from mbdl_fast.physics.mri import MultiCoilMRI
 
-    is_mri = isinstance(physics, MultiCoilMRI)
-    supported = ("torch",) + (_FUSED if is_mri else ())
-    device = z.device if isinstance(z, torch.Tensor) else torch.device("cpu")
-    name = resolve_backend(backend, device, supported)
+    check_operator("physics", physics, ("prox_l2",))
+    z = check_tensor("z", z)
     if y is None:
         raise ValueError("y: expected measurements, got None")
+    y = check_tensor("y", y)
+    is_mri = isinstance(physics, MultiCoilMRI)
+    supported = ("torch",) + (_FUSED if is_mri else ())
+    name = resolve_backend(backend, z.device, supported)
     checks = _checks_wanted(check_inputs)
-    _check_gamma(gamma, checks)
+    check_step("gamma", gamma, z.shape[0] if z.dim() else 1, checks)
     if checks:
         for arg, t in (("z", z), ("y", y)):
-            if isinstance(t, torch.Tensor):
-                check_finite(arg, t)
+            check_finite(arg, t)
+    # Checked once here: the operator's own NaN scans would repeat these.
     if not is_mri:
-        return physics.prox_l2(z, y, gamma)
-    return _mri_prox_l2(physics, z, y, gamma, name, backend == "auto")
+        return run_unchecked(physics.prox_l2, z, y, gamma)
+    return run_unchecked(_mri_prox_l2, physics, z, y, gamma, name, backend == "auto")
 
 
 def _fused_refusal(physics, img: torch.Tensor, ky: torch.Tensor, backend: str) -> Exception | None:
@@ -203,6 +186,8 @@ def _mri_prox_l2(physics, z, y, gamma, backend: str, auto: bool) -> torch.Tensor
 
     from mbdl_fast.linalg import solve_hpd
 
-    x, info = solve_hpd(normal, rhs, x0=img, tol=physics.cg_tol, max_iter=physics.cg_max_iter)
+    x, info = solve_hpd(
+        normal, rhs, x0=img, tol=physics.cg_tol, max_iter=physics.cg_max_iter, warn_as=f"prox_l2 ({backend})"
+    )
     physics.last_prox_info = info
     return physics._image_out(x, channel)

@@ -38,8 +38,6 @@ TASKS = ("mri", "sr", "block-cs", "denoise")
 #: The MRI test split repeats each of the 7 test slices under this many independent mask / coil / phase draws
 #: (42 images), enough for a paired 95 % confidence interval of a 0.1 dB difference (mbdl_fast.evaluate).
 TEST_DRAWS = 6
-#: slow_reg's hinge: gains of T along its slowest mode above this are penalised
-SLOW_GAIN_TARGET = 0.9
 #: Crops per split for the image tasks (SR, block CS): 40 test crops for the same reason.
 _CROPS = {"train": 64, "val": 8, "test": 40}
 MODELS = ("deq", "du", "varnet", "recursion", "edsr", "dncnn", "unet")
@@ -77,8 +75,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     # DEQ only: weight of the Jacobian regulariser ||dT/dz (z*)||_F^2 / n (Hutchinson, one probe) in the loss
     jac_reg: float = 0.0
-    # DEQ only: weight of the hinge mean(relu(g - 0.9)) on T's gain g along the solver's slowest mode (DEQ slow_gain)
+    # DEQ only: weight of the hinge mean(relu(g - slow_target)) on T's gain g along the solver's slowest mode
+    # (DEQ slow_gain): gains above slow_target are pushed down, so no image is left at the iteration cap
     slow_reg: float = 0.0
+    slow_target: float = 0.9
     seed: int = 0
     out: str = "runs/train"
     resume: bool = False
@@ -101,6 +101,7 @@ class TrainConfig:
             raise ValueError(f"model: expected one of {MODELS}, got {self.model!r}")
         if self.loss not in ("l1", "mse", "smooth_l1"):
             raise ValueError(f"loss: expected l1, mse or smooth_l1, got {self.loss!r}")
+        _check_values(self)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
@@ -108,8 +109,90 @@ class TrainConfig:
             raise ValueError(f"jac_reg: expected a finite number >= 0, got {self.jac_reg!r}")
         if not (isinstance(self.slow_reg, (int, float)) and math.isfinite(self.slow_reg) and self.slow_reg >= 0):
             raise ValueError(f"slow_reg: expected a finite number >= 0, got {self.slow_reg!r}")
+        if not (isinstance(self.slow_target, (int, float)) and 0 < self.slow_target < 1):
+            raise ValueError(f"slow_target: expected a gain in (0, 1), got {self.slow_target!r}")
         if (self.jac_reg > 0 or self.slow_reg > 0) and self.model != "deq":
             raise ValueError(f"jac_reg: the Jacobian regulariser is for DEQ models, got model {self.model!r}")
+
+
+#: Which models each task trains: a bare prior denoises; VarNet needs coil maps; recursion needs a ratio.
+TASK_MODELS = {
+    "mri": ("deq", "du", "varnet", "recursion"),
+    "sr": ("deq", "du"),
+    "block-cs": ("deq", "du", "recursion"),
+    "denoise": ("edsr", "dncnn", "unet"),
+}
+#: Settings a resumed run may change: they do not alter what it computes.
+RESUME_MAY_CHANGE = ("resume", "device", "out")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Types and ranges of every field, and whether the task trains that model (``TrainConfig.validate``)."""
+    from mbdl_fast._validate import check_choice, check_device, check_int, check_number
+    from mbdl_fast.data.simulate import MASK_TYPES
+
+    if cfg.model not in TASK_MODELS[cfg.task]:
+        raise ValueError(f"model: task {cfg.task!r} trains one of {TASK_MODELS[cfg.task]}, got {cfg.model!r}")
+    check_choice("prior", cfg.prior, ("edsr", "dncnn", "unet"))
+    check_choice("mask_type", cfg.mask_type, MASK_TYPES)
+    check_choice("sr_kernel", cfg.sr_kernel, ("gaussian", "bicubic", "box"))
+    for name in ("model_args", "prior_args"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise TypeError(f"{name}: expected a JSON object (dict) of arguments, got {getattr(cfg, name)!r}")
+    for name in ("init_prior", "init_model"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{name}: expected a checkpoint path or shipped model name, got {value!r}")
+    size = check_int("size", cfg.size, 2)
+    if cfg.task in ("mri", "denoise") and size % 2:
+        raise ValueError(f"size: expected an even int (brain slices are resized to size x size), got {size}")
+    if cfg.task == "block-cs" and size % 33:
+        raise ValueError(f"size: block CS needs a multiple of 33, got {size}")
+    check_int("coils", cfg.coils, 1)
+    check_number("acceleration", cfg.acceleration, 1.0)
+    check_number("center_fraction", cfg.center_fraction, 0.0, 1.0)
+    check_number("noise_std", cfg.noise_std, 0.0)
+    factor = check_int("sr_factor", cfg.sr_factor, 1)
+    if cfg.task == "sr" and size % factor:
+        raise ValueError(f"size: super-resolution crops must be divisible by sr_factor={factor}, got {size}")
+    check_number("cs_ratio", cfg.cs_ratio, 0.0, 1.0, open_min=True)
+    check_number("denoise_sigma", cfg.denoise_sigma, 0.0)
+    for name in ("max_train_items", "max_val_items"):
+        if getattr(cfg, name) is not None:
+            check_int(name, getattr(cfg, name), 1)
+    check_int("epochs", cfg.epochs, 1)
+    check_int("batch_size", cfg.batch_size, 1)
+    check_number("lr", cfg.lr, 0.0, open_min=True)
+    if cfg.grad_clip is not None:
+        # A negative clip norm would flip the gradient: ascent. 0 means no clipping.
+        check_number("grad_clip", cfg.grad_clip, 0.0, meaning="a gradient norm; 0 or None: no clipping")
+    check_int("seed", cfg.seed, 0, 2**63 - 1)
+    if not isinstance(cfg.out, str) or not cfg.out:
+        raise TypeError(f"out: expected an output directory, got {cfg.out!r}")
+    if not isinstance(cfg.resume, bool):
+        raise TypeError(f"resume: expected true or false, got {cfg.resume!r}")
+    if cfg.device is not None:
+        check_device("device", cfg.device)
+
+
+def _check_resume(cfg: TrainConfig, out_dir: Path, saved: dict[str, Any] | None) -> None:
+    """A resumed run continues with the settings it started with: any other change is refused, never ignored."""
+    if saved is None:
+        path = out_dir / "config.json"
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is None:
+        return
+    defaults = dataclasses.asdict(TrainConfig())
+    now = dataclasses.asdict(cfg)
+    changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k, defaults[k]) != now[k])
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in changed)
+        asked = ", ".join(f"{k}={now[k]!r}" for k in changed)
+        raise ValueError(
+            f"resume: the run in {out_dir} was started with {was}; this call asks for {asked}. A resumed run keeps "
+            "its settings (its schedule, data and model depend on them): start a new run in another out directory "
+            "(--init-prior takes a trained prior), or resume with the original settings"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,13 +443,16 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     """
     from tqdm import tqdm
 
-    from mbdl_fast.checkpoint import load_training_state, save_model, save_training_state
+    from mbdl_fast.checkpoint import load_training_state, read_training_extra, save_model, save_training_state
 
     cfg.validate()
     device = _device(cfg)
     rank, world = _dist_setup(device)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
+    resuming = cfg.resume and (out_dir / "last.json").exists()
+    if resuming:  # before config.json is rewritten: a refused resume leaves the run as it was
+        _check_resume(cfg, out_dir, read_training_extra(out_dir / "last").get("train_config"))
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -377,8 +463,13 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if cfg.resume and (out_dir / "last.json").exists():
-        state = load_training_state(out_dir / "last", model, optimizer, scheduler=scheduler, restore_rng=True)
+    # The denoising task's noise: one generator per rank, saved and restored with the other random states.
+    noise_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    if resuming:
+        state = load_training_state(
+            out_dir / "last", model, optimizer, scheduler=scheduler, restore_rng=True,
+            generators={f"noise/rank{rank}": noise_gen},
+        )  # fmt: skip
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("extra", {}).get("history", []))
     if world > 1:
@@ -388,7 +479,6 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
 
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=world > 1)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + rank)
     best = max((h["val_psnr"] for h in history), default=-math.inf)
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
@@ -403,7 +493,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 jac_losses.append(info["jac_loss"].item())
                 gains.append(info["slow_gain"].max().item())
                 iterations.append(float(info["iterations"]))
-                slow = torch.relu(info["slow_gain"] - SLOW_GAIN_TARGET).mean()
+                slow = torch.relu(info["slow_gain"] - cfg.slow_target).mean()
                 loss = _loss(cfg, out, target) + cfg.jac_reg * info["jac_loss"] + cfg.slow_reg * slow
             else:
                 loss = _loss(cfg, *compared_images(model, reconstruct(model, physics, model_input), target))
@@ -429,6 +519,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             record["train_iterations"] = sum(iterations) / len(iterations)
             record["slow_gain"] = sum(gains) / len(gains)
         history.append(record)
+        noise_states = [noise_gen.get_state()]
+        if world > 1:
+            noise_states = [None] * world
+            dist.all_gather_object(noise_states, noise_gen.get_state())
         if rank == 0:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4g}, val PSNR {metrics['psnr']:.2f} dB, "
@@ -447,8 +541,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             )
             meta = {"config": dataclasses.asdict(cfg), "epoch": epoch, "val_psnr": metrics["psnr"]}
             save_training_state(
-                out_dir / "last", _unwrap(model), optimizer, epoch, {"history": history}, scheduler=scheduler
-            )
+                out_dir / "last", _unwrap(model), optimizer, epoch,
+                {"history": history, "train_config": dataclasses.asdict(cfg)}, scheduler=scheduler,
+                generators={f"noise/rank{r}": noise for r, noise in enumerate(noise_states)},
+            )  # fmt: skip
             save_model(_unwrap(model), out_dir / "model_last", metadata=meta)
             if metrics["psnr"] > best:
                 best = metrics["psnr"]

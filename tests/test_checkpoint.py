@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -276,3 +277,113 @@ def test_training_state_rng_and_mismatch(tmp_path):
         load_training_state(tmp_path / "state", model, sgd)
     with pytest.raises(CheckpointError, match="expected format 'mbdl_fast-checkpoint'"):
         load_model(tmp_path / "state")
+
+
+# --------------------------------------------------------------------------- one commit point
+
+
+class CrashError(Exception):
+    """Stands for a crash at a chosen step of a save."""
+
+
+def interrupt_rename(monkeypatch, which: int) -> None:
+    """Make the ``which``-th os.replace of the next save raise, as a crash at that point would."""
+    import mbdl_fast.checkpoint as ckpt
+
+    real = os.replace
+    calls = {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == which:
+            raise CrashError(f"crash before rename {which}: {src} -> {dst}")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+
+
+@pytest.mark.parametrize(("which", "survivor"), [(1, "old"), (2, "old"), (3, "new")])
+def test_an_interrupted_save_leaves_one_complete_checkpoint(tmp_path, monkeypatch, which, survivor):
+    """Renames of a save: 1 weights -> pending name, 2 the JSON (the commit), 3 pending -> final name."""
+    torch.manual_seed(0)
+    old, new = EDSR(width=4, num_blocks=1), EDSR(width=4, num_blocks=1)
+    save_model(old, tmp_path / "m")
+    interrupt_rename(monkeypatch, which)
+    with pytest.raises(CrashError):
+        save_model(new, tmp_path / "m")
+    monkeypatch.undo()
+    loaded = load_model(tmp_path / "m")  # verifies the sha256 of the weights it reads
+    want = {"old": old, "new": new}[survivor]
+    for a, b in zip(loaded.state_dict().values(), want.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # a read rolls an interrupted commit forward; the next save clears leftovers of the others
+    save_model(new, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
+def test_hostile_config_refused_before_anything_is_built(tmp_path):
+    import resource
+    import time
+
+    torch.manual_seed(0)
+    save_model(EDSR(width=4, num_blocks=1), tmp_path / "m")
+    header = json.loads((tmp_path / "m.json").read_text())
+    for args in ({"width": 60000}, {"num_blocks": 1000, "width": 4}):
+        edited = dict(header, config={"class": "EDSR", "args": {"in_channels": 2, "out_channels": 2, **args}})
+        (tmp_path / "m.json").write_text(json.dumps(edited))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        with pytest.raises(CheckpointError, match=r"m\.(json|safetensors): "):
+            load_model(tmp_path / "m")
+        assert time.perf_counter() - started < 2.0
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grown_mb < 100, f"refusing {args} took {grown_mb:.0f} MB"  # EDSR(width=60000) would take ~4 GB
+
+
+def test_solver_options_from_a_checkpoint_are_bounded(tmp_path):
+    from mbdl_fast.solvers import DEQ
+
+    save_model(DEQ(EDSR(width=4, num_blocks=1)), tmp_path / "deq")
+    header = json.loads((tmp_path / "deq.json").read_text())
+    header["config"]["args"]["f_max_iter"] = 10**9
+    (tmp_path / "deq.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match=r"f_max_iter: expected an int >= 1 and <= 10000, got 1000000000"):
+        load_model(tmp_path / "deq")
+
+
+def test_shipped_names_are_paths_unless_a_checkpoint_is_there(tmp_path, monkeypatch):
+    from mbdl_fast.checkpoint import read_metadata, resolve_checkpoint
+    from mbdl_fast.weights import weights_path
+
+    assert resolve_checkpoint("deq_mri_4x") == weights_path("deq_mri_4x")
+    assert read_metadata("varnet_mri_4x")["config"]["model"] == "varnet"
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    mine = EDSR(width=4, num_blocks=1)
+    save_model(mine, "deq_mri_4x")  # a local checkpoint of that name wins
+    assert isinstance(load_model("deq_mri_4x"), EDSR)
+    with pytest.raises(CheckpointError, match="shipped models can be named"):
+        load_model("no_such_model")
+
+
+def test_training_state_saves_every_random_state(tmp_path):
+    import random
+
+    import numpy as np
+
+    model, optimizer, _ = make_training(0)
+    noise = torch.Generator().manual_seed(11)
+    torch.randn(4, generator=noise)
+    random.seed(3)
+    np.random.seed(4)
+    save_training_state(tmp_path / "state", model, optimizer, epoch=0, generators={"noise": noise})
+    expected = (torch.rand(2), random.random(), np.random.rand(), torch.randn(2, generator=noise))
+    torch.rand(5), random.random(), np.random.rand(), torch.randn(5, generator=noise)  # the run goes on
+    fresh = torch.Generator().manual_seed(0)
+    load_training_state(tmp_path / "state", model, restore_rng=True, generators={"noise": fresh})
+    got = (torch.rand(2), random.random(), np.random.rand(), torch.randn(2, generator=fresh))
+    assert torch.equal(got[0], expected[0]) and got[1:3] == expected[1:3] and torch.equal(got[3], expected[3])
+    with pytest.raises(CheckpointError, match=r"no state saved for generator\(s\) \['other'\]"):
+        load_training_state(tmp_path / "state", model, restore_rng=True, generators={"other": fresh})
+    with pytest.raises(ValueError, match="generators: given with restore_rng=False"):
+        load_training_state(tmp_path / "state", model, generators={"noise": fresh})

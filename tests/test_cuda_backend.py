@@ -154,9 +154,18 @@ def test_forcing_level2_by_environment(monkeypatch):
     x, maps, mask, y, gamma = _cpu_inputs(h=8, w=6)
     with pytest.raises(ValueError, match=r"^H, W: expected a Level-2 length .* for MBDL_FAST_CUDA_LEVEL=2, got"):
         mri_dc_step_cuda(x, maps, mask, y, None, gamma)
-    # Sizes with a Level-2 path pass that check and reach the device check (CPU tensors here).
+    # Sizes with a Level-2 path pass that check; then a build with Level 2 reaches the device check (CPU tensors
+    # here), and one without it (no nvidia-mathdx when it was built) says so.
     x, maps, mask, y, gamma = _cpu_inputs(h=5, w=256)
-    with pytest.raises(ValueError, match=r"^x: expected contiguous complex64 \(B, H, W\) on cuda"):
+    if level2_status()[0]:
+        with pytest.raises(ValueError, match=r"^x: expected contiguous complex64 \(B, H, W\) on cuda"):
+            mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
+    else:
+        with pytest.raises(RuntimeError, match=r"^MBDL_FAST_CUDA_LEVEL=2: the Level-2 DC step is unavailable: "):
+            mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
+    # The answer of a build without Level 2, wherever this one has it.
+    monkeypatch.setattr(_extension, "level2_status", lambda: (False, "mbdl_fast._C was built without it (no headers)"))
+    with pytest.raises(RuntimeError, match=r"^MBDL_FAST_CUDA_LEVEL=2: the Level-2 DC step is unavailable: .*built wi"):
         mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
 
 

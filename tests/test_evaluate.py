@@ -191,4 +191,4 @@ def test_cli_eval_compares_paired_with_a_reference_run(tmp_path, capsys):
     assert abs(c["dpsnr"]["mean"] - expected) < 1e-9 and c["dpsnr"]["n"] == 3
     assert c["dpsnr"]["ci_low"] <= c["dpsnr"]["mean"] <= c["dpsnr"]["ci_high"]
     with pytest.raises(ValueError, match="same split and tolerance"):
-        main(["eval", str(tmp_path / "b"), "--tol", "1e-2", "--compare", str(tmp_path / "a_eval.json")])
+        main(["eval", str(tmp_path / "b"), "--tol", "1e-2", "--compare", str(tmp_path / "a_eval.json"), "--debug"])

@@ -28,7 +28,7 @@ def parse_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     """``None``, an int ``n`` (meaning ``(n, n)``) or ``(H, W)``, all even and positive."""
     if size is None:
         return None
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % 2 == 0 for s in hw):
         raise ValueError(f"size: expected None, an even positive int or a pair (H, W) of them, got {size!r}")
     return hw  # type: ignore[return-value]

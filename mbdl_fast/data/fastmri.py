@@ -38,6 +38,10 @@ def _attr_value(v: Any) -> Any:
 
 
 def _list_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if not isinstance(paths, (str, os.PathLike, list, tuple)) or (
+        isinstance(paths, (list, tuple)) and not all(isinstance(p, (str, os.PathLike)) for p in paths)
+    ):
+        raise TypeError(f"paths: expected a directory, an .h5 file or a list of them, got {paths!r}")
     if isinstance(paths, (str, os.PathLike)):
         root = Path(paths)
         if root.is_dir():

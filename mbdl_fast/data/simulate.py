@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mbdl_fast._validate import check_broadcastable, check_real, check_tensor
+from mbdl_fast._validate import (
+    check_broadcastable,
+    check_finite,
+    check_int,
+    check_nonempty,
+    check_number,
+    check_real,
+    check_tensor,
+)
 from mbdl_fast.data.brain import load_brain_slices
 from mbdl_fast.fft import fft2c, ifft2c
 from mbdl_fast.physics.masks import equispaced_mask, random_mask, uniform_acs_mask, variable_density_mask
@@ -26,15 +34,25 @@ from mbdl_fast.physics.masks import equispaced_mask, random_mask, uniform_acs_ma
 MASK_TYPES = ("random", "equispaced", "uniform", "variable_density")
 
 
+#: Longest image side simulated: beyond any MR image, and a typo (10**9) cannot exhaust memory.
+MAX_SIDE = 16384
+
+
 def _check_shape2(shape: object) -> tuple[int, int]:
     hw = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
-    if len(hw) != 2 or not all(isinstance(s, int) and s > 0 for s in hw):
-        raise ValueError(f"shape: expected a pair (H, W) of positive ints, got {shape!r}")
+    if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE for s in hw):
+        raise ValueError(f"shape: expected a pair (H, W) of ints in [1, {MAX_SIDE}], got {shape!r}")
     return hw  # type: ignore[return-value]
 
 
+#: A phase polynomial of higher degree is no longer smooth; the bound also keeps its (order + 1)² terms small.
+MAX_PHASE_ORDER = 16
+#: Far more receive channels than any scanner has: the bound keeps a typo from allocating C full-size maps.
+MAX_COILS = 1024
+
+
 def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_int("seed", seed, 0, 2**63 - 1))
 
 
 def _grid(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +90,10 @@ def birdcage_coil_maps(
             distance by an independent factor in [1 - jitter, 1 + jitter], reproducibly.
         jitter: relative spread of the coil distances when ``seed`` is given.
     """
-    if not isinstance(num_coils, int) or num_coils < 1:
-        raise ValueError(f"num_coils: expected an int >= 1, got {num_coils!r}")
+    check_int("num_coils", num_coils, 1, MAX_COILS)
     hw = _check_shape2(shape)
-    if not radius > 0:
-        raise ValueError(f"radius: expected a positive number, got {radius!r}")
-    if not 0 <= jitter < 1:
-        raise ValueError(f"jitter: expected a number in [0, 1), got {jitter!r}")
+    check_number("radius", radius, 0.0, open_min=True)
+    check_number("jitter", jitter, 0.0, 1.0, open_max=True)
     theta = 2 * math.pi * torch.arange(num_coils, dtype=torch.float64) / num_coils
     r = torch.full((num_coils,), float(radius), dtype=torch.float64)
     if seed is not None:
@@ -110,10 +125,8 @@ def smooth_phase(
         order: the polynomial's total degree (>= 0; 0 is a constant phase).
     """
     hw = _check_shape2(shape)
-    if not max_phase >= 0:
-        raise ValueError(f"max_phase: expected a number >= 0, got {max_phase!r}")
-    if not isinstance(order, int) or order < 0:
-        raise ValueError(f"order: expected an int >= 0, got {order!r}")
+    check_number("max_phase", max_phase, 0.0)
+    check_int("order", order, 0, MAX_PHASE_ORDER)
     g = _generator(seed) if seed is not None else None
     p = torch.arange(order + 1)
     # coef[j, i] multiplies y^j x^i; only total degrees i + j <= order are kept.
@@ -167,10 +180,13 @@ def simulate_multicoil(
         ``(N, C, H, W)`` and ``"zero_filled"`` complex64 ``(N, H, W)``.
     """
     images = check_real("images", images, "(N, H, W)", 3)
-    if not isinstance(num_coils, int) or num_coils < 1:
-        raise ValueError(f"num_coils: expected an int >= 1, got {num_coils!r}")
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std: expected a number >= 0, got {noise_std!r}")
+    check_nonempty("images", images, "real (N, H, W)")
+    check_finite("images", images)
+    check_int("num_coils", num_coils, 1, MAX_COILS)
+    check_number("noise_std", noise_std, 0.0)
+    check_number("max_phase", max_phase, 0.0)
+    check_number("radius", radius, 0.0, open_min=True)
+    check_int("seed", seed, 0, 2**63 - 1)
     n, h, w = images.shape
     device = images.device
     if mask is None:
@@ -178,6 +194,7 @@ def simulate_multicoil(
     mask = check_broadcastable("mask", check_tensor("mask", mask), (n, num_coils, h, w), "(N, C, H, W)")
     if mask.is_complex():
         raise TypeError(f"mask: expected a real 0/1 tensor broadcastable to (N, C, H, W), got {mask.dtype}")
+    check_finite("mask", mask)
     mask = mask.to(device=device, dtype=torch.float32).reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
     g = _generator(seed)
@@ -250,6 +267,9 @@ class MultiCoilBrainDataset(Dataset):
             raise ValueError(f"draws: expected an int >= 1, got {draws!r}")
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type: expected one of {MASK_TYPES}, got {mask_type!r}")
+        check_int("num_coils", num_coils, 1, MAX_COILS)
+        check_number("noise_std", noise_std, 0.0)
+        check_int("seed", seed, 0, 2**63 - 1)
         self.images = load_brain_slices(split, size)
         self.num_coils = num_coils
         self.acceleration = acceleration
@@ -277,6 +297,7 @@ class MultiCoilBrainDataset(Dataset):
         return variable_density_mask((h, w), self.acceleration, self.center_fraction, seed=s % 2**32)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        index = check_int("index", index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index: expected an int in [0, {len(self)}), got {index}")
         index = index % len(self)

@@ -6,7 +6,8 @@
 
 - ``finetune``: the one loop (``loop.py``); a strategy is a loss of (model, physics, y, target, teacher)
   (``strategies.py``): ``"supervised"``, ``"school"`` (frozen dense teacher, no ground truth),
-  ``"self_supervised"`` (measurement consistency + rotation equivariance, REI; measurements only).
+  ``"self_supervised"`` (measurement consistency + rotation equivariance, REI; measurements only);
+  ``SplitMeasurements`` (predict held-out k-space columns, SSDU / ZS-SSL; measurements only), passed as an object.
 - ``rotate`` / ``rotate_physics``: exact quarter turns of images and of the operators that live in the
   image plane (coil maps), commuting with the centred FFT (``transforms.py``).
 - ``configure_solver``: DEQ models are tuned at the dense model's solver tolerance unless a different
@@ -28,8 +29,11 @@ from mbdl_fast.finetune.strategies import (
     STRATEGIES,
     School,
     SelfSupervised,
+    SplitMeasurements,
     Strategy,
     Supervised,
+    WarmStarts,
+    acs_band,
     image_loss,
     make_strategy,
     relative_squared_error,
@@ -44,8 +48,11 @@ __all__ = [
     "Problem",
     "School",
     "SelfSupervised",
+    "SplitMeasurements",
     "Strategy",
     "Supervised",
+    "WarmStarts",
+    "acs_band",
     "configure_solver",
     "evaluate",
     "finetune",

@@ -273,6 +273,8 @@ def finetune(
     seed: int = 0,
     param_groups: Sequence[dict[str, Any]] = (),
     jac_reg: float = 0.0,
+    val_objective: Callable[[nn.Module], float] | None = None,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place with one of SPADE's strategies; returns the history.
 
@@ -309,13 +311,18 @@ def finetune(
         param_groups: extra Adam parameter groups with their own settings, e.g. SLS's priority scores
             ``{"params": search.score_parameters(), "lr": 1e-2, "weight_decay": 0.0}``; their parameters
             leave the main group (``lr``) and gradient clipping, and share the cosine schedule.
+        val_objective: ``model -> float`` (lower is better, e.g. ZS-SSL's error on held-out measurements),
+            evaluated after every epoch in eval mode without gradients; the model of the lowest value is
+            restored at the end. ``patience``: stop after that many epochs without a new lowest value.
 
     Returns:
-        ``{"history": [...], "model": model, "strategy": name, "solver": configure_solver's record or None}``;
+        ``{"history": [...], "model": model, "strategy": name, "solver": configure_solver's record or None,
+        "best_epoch": the restored epoch or None}``;
         one history record per epoch: ``epoch``, ``train_loss`` (mean over the epoch's batches) and the
         strategy's parts (``train_mc``, ``train_eq`` for self-supervised), ``lr``, ``seconds``,
         ``val_loss`` / ``val_psnr`` / ``val_ssim`` (``None`` without a validation set or, for PSNR /
-        SSIM, without ground truth in it), and for DEQ models ``f_tol`` and ``f_max_iter``.
+        SSIM, without ground truth in it), ``val_objective`` (or ``None``), and for DEQ models ``f_tol`` and
+        ``f_max_iter``.
     """
     from tqdm import tqdm
 
@@ -344,6 +351,12 @@ def finetune(
         raise ValueError(f"jac_reg: expected a finite number >= 0, got {jac_reg!r}")
     if jac_reg > 0 and deq is None:
         raise ValueError(f"jac_reg: the Jacobian regulariser needs a DEQ model, got {type(model).__name__}")
+    if val_objective is not None and not callable(val_objective):
+        raise TypeError(f"val_objective: expected a callable model -> float, got {type(val_objective).__name__}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience: expected an int >= 1 or None, got {patience!r}")
+    if patience is not None and val_objective is None:
+        raise ValueError("patience: early stopping needs a val_objective")
 
     device = _device_of(model)
     optimizer = torch.optim.Adam(
@@ -358,6 +371,7 @@ def finetune(
 
     history: list[dict[str, Any]] = []
     best = -math.inf
+    lowest, best_epoch, best_state = math.inf, None, None
     for epoch in range(epochs):
         model.train()
         started, sums, steps = time.perf_counter(), {}, 0
@@ -385,6 +399,14 @@ def finetune(
         if val_dataset is not None:
             metrics = evaluate(model, val_dataset, strategy, to_problem, teacher, batch_size, seed + 2, device)
             record.update({"val_loss": metrics["loss"], "val_psnr": metrics["psnr"], "val_ssim": metrics["ssim"]})
+        record["val_objective"] = None
+        if val_objective is not None:
+            model.eval()
+            with torch.no_grad():
+                record["val_objective"] = float(val_objective(model))
+            if record["val_objective"] < lowest:
+                lowest, best_epoch = record["val_objective"], epoch
+                best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
         if deq is not None:
             record.update({"f_tol": deq.solver_options["f_tol"], "f_max_iter": deq.solver_options["f_max_iter"]})
         record["seconds"] = time.perf_counter() - started
@@ -395,6 +417,8 @@ def finetune(
                 if record["val_psnr"] is None
                 else f", val PSNR {record['val_psnr']:.2f} dB, SSIM {record['val_ssim']:.4f}"
             )
+            if record["val_objective"] is not None:
+                val += f", val objective {record['val_objective']:.5g}"
             print(f"{strategy.name} epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4g}{val}", flush=True)
         if out_dir is not None:
             meta = {"finetune": {"strategy": strategy.name, "epoch": epoch, "history": history, "solver": solver}}
@@ -402,4 +426,8 @@ def finetune(
             if record["val_psnr"] is not None and record["val_psnr"] > best:
                 best = record["val_psnr"]
                 save_model(model, out_dir / "model_best", metadata=meta)
-    return {"history": history, "model": model, "strategy": strategy.name, "solver": solver}
+        if patience is not None and epoch - best_epoch >= patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"history": history, "model": model, "strategy": strategy.name, "solver": solver, "best_epoch": best_epoch}

@@ -18,6 +18,8 @@ the data set has one.
 - ``SelfSupervised``: measurement consistency plus rotation equivariance, as Robust Equivariant
   Imaging (REI, Chen, Tachella & Davies, CVPR 2022) and SPADE's self-supervised variant; measurements
   and operator only (see the class docstring for the maths).
+- ``SplitMeasurements`` (beyond SPADE): reconstruct without a random part of the sampled k-space columns and
+  predict them (SSDU; with a fixed held-out part, ZS-SSL's validation for adapting to one scan).
 
 The image losses L (``image_loss``): ``"l1"``, ``"mse"`` and ``"smooth_l1"`` on the complex
 difference (its real and imaginary parts, as ``train.py``), ``"ssim"``: 1 - SSIM of the magnitudes
@@ -26,6 +28,7 @@ difference (its real and imaginary parts, as ``train.py``), ``"ssim"``: 1 - SSIM
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -35,6 +38,7 @@ from torch import nn
 from mbdl_fast.finetune.transforms import check_rotations, rotate, rotate_physics
 from mbdl_fast.metrics import ssim
 from mbdl_fast.physics import MultiCoilMRI
+from mbdl_fast.solvers.deq import DEQ
 from mbdl_fast.train import compared_images, reconstruct
 
 __all__ = [
@@ -42,8 +46,11 @@ __all__ = [
     "STRATEGIES",
     "School",
     "SelfSupervised",
+    "SplitMeasurements",
     "Strategy",
     "Supervised",
+    "WarmStarts",
+    "acs_band",
     "image_loss",
     "make_strategy",
     "relative_squared_error",
@@ -147,6 +154,30 @@ class School:
         return {"loss": image_loss(*compared_images(model, reconstruct(model, physics, y), reference), self.loss)}
 
 
+class WarmStarts:
+    """Reconstructions f(y, A) whose DEQ solves start at the previous output of the same slot (or A^H y).
+
+    For test-time adaptation, where every step sees the same scan: after a small parameter step the previous
+    fixed point is a close start (about half the iterations). The fixed point does not depend on the start where
+    the solver reaches its tolerance. A slot is used only while its measurements keep their shape; models without
+    a DEQ, or ``enabled=False``, reconstruct as ``train.reconstruct``.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"warm_start: expected a bool, got {type(enabled).__name__}")
+        self.enabled = enabled
+        self._starts: dict[object, tuple[torch.Size, torch.Tensor]] = {}  # slot -> (y's shape, last output)
+
+    def __call__(self, model: nn.Module, physics: nn.Module, y: torch.Tensor, slot: object = 0) -> torch.Tensor:
+        if not (self.enabled and isinstance(model, DEQ)):
+            return reconstruct(model, physics, y)
+        shape, start = self._starts.get(slot, (None, None))
+        x = model(y, physics, x0=start if shape == y.shape else None)
+        self._starts[slot] = (y.shape, x.detach())
+        return x
+
+
 class SelfSupervised:
     r"""Measurements and operator only: measurement consistency plus rotation equivariance (REI).
 
@@ -181,6 +212,9 @@ class SelfSupervised:
     second measurement is REI's robustness noise (0 turns it off). Rotations by 90/270 degrees need
     square images (``ValueError`` naming the size; ``rotations=(2,)`` works on any size).
 
+    Test-time adaptation (one acquisition, every batch the same y) may set ``warm_start`` (``WarmStarts``, one
+    slot per rotation, k = 0 for x1).
+
     Args:
         rei_weight: weight of L_EQ (>= 0).
         rotations: quarter turns to draw from (1, 2, 3 = 90, 180, 270 degrees).
@@ -188,6 +222,7 @@ class SelfSupervised:
             MRI only sampled k-space locations get noise.
         rotate_physics: ``(physics, k) -> physics for rotated images`` (default ``transforms.rotate_physics``);
             supply one for a user operator with parameters in the image plane.
+        warm_start: DEQ models: start each solve at the previous output of the same rotation (``WarmStarts``).
     """
 
     name = "self_supervised"
@@ -200,6 +235,7 @@ class SelfSupervised:
         rotations: Sequence[int] = (1, 2, 3),
         noise_std: float = 0.0,
         rotate_physics: Callable[[nn.Module, int], nn.Module] = rotate_physics,
+        warm_start: bool = False,
     ) -> None:
         if not (isinstance(rei_weight, (int, float)) and rei_weight >= 0):
             raise ValueError(f"rei_weight: expected a number >= 0, got {rei_weight!r}")
@@ -212,11 +248,12 @@ class SelfSupervised:
         self.rotations = tuple(k % 4 for k in rotations)
         self.noise_std = float(noise_std)
         self.rotate_physics = rotate_physics
+        self.reconstruct = WarmStarts(warm_start)
 
     def __call__(self, model, physics, y, target=None, teacher=None, generator=None) -> dict[str, torch.Tensor]:
         if physics is None:
             raise ValueError("self_supervised: needs a measurement operator (a task with physics, not denoise)")
-        x1 = reconstruct(model, physics, y)
+        x1 = self.reconstruct(model, physics, y, 0)
         check_rotations(self.rotations, x1.shape[-2], x1.shape[-1])
         # A model with its own coil maps (E2E-VarNet) is measured through them: they, not the data set's, fit x1.
         image_physics = getattr(model, "image_physics", None)
@@ -228,7 +265,7 @@ class SelfSupervised:
         y2 = rotated.A(x2)
         if self.noise_std > 0:
             y2 = y2 + self._noise(rotated, y2, generator)
-        eq = relative_squared_error(*compared_images(model, reconstruct(model, rotated, y2), x2))
+        eq = relative_squared_error(*compared_images(model, self.reconstruct(model, rotated, y2, k), x2))
         return {"loss": mc + self.rei_weight * eq, "mc": mc, "eq": eq}
 
     def _noise(self, physics: nn.Module, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -238,6 +275,79 @@ class SelfSupervised:
         if isinstance(physics, MultiCoilMRI) and physics.layout == "complex":
             n = n * physics.mask  # unsampled k-space stays zero, as in the simulated acquisitions
         return n
+
+
+def acs_band(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean, shaped like ``mask`` ``(..., W)``: the contiguous run of sampled entries through W // 2 (the ACS band)."""
+    sampled = mask > 0
+    width = mask.shape[-1]
+    position = torch.arange(width, device=mask.device)
+    centre = width // 2
+    left = torch.where(~sampled & (position < centre), position, -1).amax(-1, keepdim=True)
+    right = torch.where(~sampled & (position > centre), position, width).amin(-1, keepdim=True)
+    return sampled[..., centre : centre + 1] & (position > left) & (position < right)
+
+
+def _column_mask(physics: nn.Module | None) -> torch.Tensor:
+    mask = getattr(physics, "mask", None)
+    if mask is None or not hasattr(physics, "update"):
+        raise ValueError(f"split: needs an MRI operator with a mask, got {type(physics).__name__}")
+    if mask.shape[-2] != 1:
+        raise ValueError(f"split: expected a column mask (..., 1, W) (Cartesian lines), got mask {tuple(mask.shape)}")
+    return mask
+
+
+class SplitMeasurements:
+    r"""Measurements and operator only: predict held-out measurements (SSDU, Yaman et al. 2020; ZS-SSL 2022).
+
+    Per batch, the sampled columns of the mask M outside its ACS band (``acs_band``) are split at random, each
+    held out with probability ``holdout``; M_Λ keeps the held-out ones, M_Θ = M - M_Λ the rest (ACS included)::
+
+        x = f(M_Θ y, A_Θ)                                reconstruct without the held-out columns
+        L = mean_b ||M_Λ (A x - y)||² / ||M_Λ y||²       and predict them
+
+    The noise of the held-out columns is independent of x's input, so L rewards neither fitting the noise
+    (as measurement consistency on the input does) nor smoothing detail away (which equivariance alone can
+    favour on one noisy scan): its expectation is the error of x on Λ plus a constant noise floor.
+    ``held_out_error`` with a fixed split is ZS-SSL's validation for stopping on a single scan.
+
+    Args:
+        holdout: probability that a sampled non-ACS column is held out (SSDU: 0.4), in (0, 1).
+        warm_start: DEQ models: start each solve at the previous output (``WarmStarts``).
+    """
+
+    name = "split_measurements"
+    needs_target = False
+    needs_teacher = False
+
+    def __init__(self, holdout: float = 0.4, warm_start: bool = False) -> None:
+        if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+            raise ValueError(f"holdout: expected a number in (0, 1), got {holdout!r}")
+        self.holdout = float(holdout)
+        self.reconstruct = WarmStarts(warm_start)
+
+    def split(self, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """M_Θ: ``mask`` without a random ``holdout`` fraction of its sampled non-ACS columns."""
+        draw = torch.rand(mask.shape, generator=generator).to(mask.device)
+        held = (mask > 0) & ~acs_band(mask) & (draw < self.holdout)
+        return torch.where(held, torch.zeros_like(mask), mask)
+
+    def held_out_error(
+        self, model: nn.Module, physics: nn.Module, y: torch.Tensor, keep: torch.Tensor, slot: object = "split"
+    ) -> torch.Tensor:
+        """mean_b ||M_Λ (A f(M_Θ y, A_Θ) - y)||² / ||M_Λ y||² for M_Θ = ``keep`` (a part of physics' mask)."""
+        mask = _column_mask(physics)
+        if keep.shape != mask.shape:
+            raise ValueError(f"keep: expected the mask's shape {tuple(mask.shape)}, got {tuple(keep.shape)}")
+        inside = copy.copy(physics)
+        inside.update(mask=keep)
+        x = self.reconstruct(model, inside, keep * y, slot)
+        held = (mask - keep).to(y.real.dtype)
+        return relative_squared_error(held * physics.A(x), held * y)
+
+    def __call__(self, model, physics, y, target=None, teacher=None, generator=None) -> dict[str, torch.Tensor]:
+        keep = self.split(_column_mask(physics), generator)
+        return {"loss": self.held_out_error(model, physics, y, keep)}
 
 
 def make_strategy(

@@ -23,7 +23,15 @@ import math
 
 import torch
 
-from mbdl_fast._validate import check_real, check_same_device, describe
+from mbdl_fast._validate import (
+    check_finite,
+    check_nonempty,
+    check_real,
+    check_same_device,
+    check_step,
+    describe,
+    value_checks_wanted,
+)
 from mbdl_fast.physics.base import LinearPhysics
 
 __all__ = ["BlockCS", "ISTA_NET_MEASUREMENTS", "measurement_count", "orthonormal_rows"]
@@ -70,7 +78,8 @@ class BlockCS(LinearPhysics):
 
     ``x``: real float32/float64 ``(B, 1, H, W)``, H and W multiples of ``block``; ``y``:
     ``(B, n_blocks, m)`` of the same dtype. Φ is generated once in float64 and cached per
-    (device, dtype) by ``phi``. Inputs are not scanned for NaN (a device sync per call).
+    (device, dtype) by ``phi``. Inputs are scanned for NaN/Inf (a device sync) except inside solvers,
+    which scan once per solve (``mbdl_fast.skip_value_checks``).
     """
 
     def __init__(
@@ -185,6 +194,9 @@ class BlockCS(LinearPhysics):
             raise TypeError(f"{name}: expected float32 or float64 (B, 1, H, W), got {describe(x)}")
         if x.shape[1] != 1:
             raise ValueError(f"{name}: expected one channel (B, 1, H, W), got {describe(x)}")
+        check_nonempty(name, x, "real (B, 1, H, W)")
+        if value_checks_wanted():
+            check_finite(name, x)
         if H % b or W % b:
             raise ValueError(
                 f"{name}: expected H and W multiples of block={b}, got (H, W) = ({H}, {W}) ({describe(x)}); "
@@ -199,6 +211,9 @@ class BlockCS(LinearPhysics):
             raise TypeError(f"{name}: expected float32 or float64 (B, n_blocks, m), got {describe(y)}")
         if y.shape[-1] != self.m:
             raise ValueError(f"{name}: expected (B, n_blocks, m={self.m}), got {describe(y)}")
+        check_nonempty(name, y, f"(B, n_blocks, m={self.m})")
+        if value_checks_wanted():
+            check_finite(name, y)
 
     def _fold_size(self, y: object, img_size: tuple[int, int] | None) -> tuple[int, int]:
         self._check_measurement("y", y)
@@ -227,11 +242,8 @@ class BlockCS(LinearPhysics):
 
 
 def _gamma_in_measurement_space(gamma: float | torch.Tensor, y: torch.Tensor) -> float | torch.Tensor:
-    """A scalar, or a per-sample step ``(B,)`` viewed as ``(B, 1, 1)`` against ``y``."""
+    """A step >= 0 (``check_step``), a scalar or one per sample ``(B,)`` viewed as ``(B, 1, 1)`` against ``y``."""
+    check_step("gamma", gamma, y.shape[0], value_checks_wanted())
     if isinstance(gamma, torch.Tensor):
-        if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != y.shape[0]):
-            raise ValueError(
-                f"gamma: expected a scalar or shape ({y.shape[0]},) (one per sample), got {tuple(gamma.shape)}"
-            )
         return gamma.to(y.dtype).reshape(-1, 1, 1) if gamma.dim() == 1 else gamma.to(y.dtype)
     return gamma

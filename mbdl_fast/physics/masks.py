@@ -25,17 +25,31 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mbdl_fast._validate import check_int, check_number, check_tensor
+
+#: Longest k-space side a mask is made for: far beyond any scanner, and a hostile size cannot exhaust memory.
+MAX_COLS = 1 << 16
+
+
+def _check_seed(seed: int | None) -> int | None:
+    return None if seed is None else check_int("seed", seed, 0, 2**32 - 1)  # numpy's RandomState range
+
+
+def _values(value: object) -> list:
+    """A number or a list of them, as a list (a string is neither: it stays one value, to be refused)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
 
 def _fastmri_choice(
     center_fraction: float | Sequence[float],
     acceleration: float | Sequence[float],
     seed: int | None,
     allow_any_combination: bool,
+    num_cols: int,
 ) -> tuple[np.random.RandomState, float, float]:
     """fastMRI's ``MaskFunc.choose_acceleration``: a (center fraction, acceleration) pair drawn from the lists,
     and the generator after that draw, so that the same seed gives fastMRI's mask bit for bit."""
-    fractions = [center_fraction] if isinstance(center_fraction, (int, float)) else list(center_fraction)
-    accelerations = [acceleration] if isinstance(acceleration, (int, float)) else list(acceleration)
+    fractions, accelerations = _values(center_fraction), _values(acceleration)
     if not fractions or not accelerations:
         raise ValueError(
             f"center_fraction, acceleration: expected numbers or non-empty lists, got {fractions}, {accelerations}"
@@ -46,12 +60,10 @@ def _fastmri_choice(
             f"allow_any_combination=True, got {len(fractions)}: {fractions}"
         )
     for value in fractions:
-        if not 0 <= value <= 1:
-            raise ValueError(f"center_fraction: expected numbers in [0, 1], got {value!r}")
+        check_number("center_fraction", value, 0.0, 1.0)
     for value in accelerations:
-        if not value >= 1:
-            raise ValueError(f"acceleration: expected numbers >= 1, got {value!r}")
-    rng = np.random.RandomState(seed)
+        check_number("acceleration", value, 1.0, float(num_cols), meaning="at least one column in num_cols")
+    rng = np.random.RandomState(_check_seed(seed))
     if allow_any_combination:
         return rng, rng.choice(fractions), rng.choice(accelerations)
     choice = rng.randint(len(fractions))
@@ -59,8 +71,7 @@ def _fastmri_choice(
 
 
 def _check_num_cols(num_cols: int) -> None:
-    if not isinstance(num_cols, int) or num_cols < 2:
-        raise ValueError(f"num_cols: expected an int >= 2, got {num_cols!r}")
+    check_int("num_cols", num_cols, 2, MAX_COLS)
 
 
 def _low_freq_band(num_cols: int, center_fraction: float) -> tuple[int, int]:
@@ -87,11 +98,14 @@ def random_mask(
     generator, as fastMRI does, so a seed gives fastMRI's mask for the same lists.
     """
     _check_num_cols(num_cols)
-    rng, center_fraction, acceleration = _fastmri_choice(center_fraction, acceleration, seed, allow_any_combination)
+    rng, center_fraction, acceleration = _fastmri_choice(
+        center_fraction, acceleration, seed, allow_any_combination, num_cols
+    )
     start, num_low = _low_freq_band(num_cols, center_fraction)
     if num_low >= num_cols / acceleration and acceleration > 1:
         raise ValueError(
-            f"center_fraction: {center_fraction} keeps {num_low} of {num_cols} columns, more than 1/{acceleration} of them"
+            f"center_fraction: {center_fraction} keeps {num_low} of {num_cols} columns, more than "
+            f"1/acceleration = 1/{acceleration} of them"
         )
     prob = (num_cols / acceleration - num_low) / (num_cols - num_low) if num_cols > num_low else 1.0
     mask = rng.uniform(size=num_cols) < prob
@@ -117,7 +131,9 @@ def equispaced_mask(
     fractions as in :func:`random_mask`.
     """
     _check_num_cols(num_cols)
-    rng, center_fraction, acceleration = _fastmri_choice(center_fraction, acceleration, seed, allow_any_combination)
+    rng, center_fraction, acceleration = _fastmri_choice(
+        center_fraction, acceleration, seed, allow_any_combination, num_cols
+    )
     if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
         raise ValueError(f"offset: expected an int >= 0 or None, got {offset!r}")
     start, num_low = _low_freq_band(num_cols, center_fraction)
@@ -130,7 +146,7 @@ def equispaced_mask(
         mask[first :: int(acceleration)] = True
         return _as_column_mask(mask)
     if num_low * acceleration >= num_cols:
-        raise ValueError(f"center_fraction: {center_fraction} with acceleration {acceleration} leaves no outer columns")
+        raise ValueError(f"center_fraction: {center_fraction} with acceleration={acceleration} leaves no outer columns")
     adjusted = (acceleration * (num_low - num_cols)) / (num_low * acceleration - num_cols)
     first = rng.randint(0, high=round(adjusted)) if offset is None else offset
     samples = np.around(np.arange(first, num_cols - 1, adjusted)).astype(np.uint64)
@@ -141,8 +157,7 @@ def equispaced_mask(
 def uniform_acs_mask(num_cols: int, acceleration: int) -> torch.Tensor:
     """SPADE's uniform mask: every R-th column plus a centred ACS band of ``int(W * 0.2 * 2 / R)`` columns."""
     _check_num_cols(num_cols)
-    if not acceleration >= 1:
-        raise ValueError(f"acceleration: expected a number >= 1, got {acceleration!r}")
+    check_number("acceleration", acceleration, 1.0, float(num_cols), meaning="at least one column in num_cols")
     if int(acceleration) != acceleration:
         raise ValueError(f"acceleration: expected an integer for the uniform mask, got {acceleration!r}")
     r = int(acceleration)
@@ -164,9 +179,13 @@ def variable_density_mask(
     """2-D variable-density random mask ``(H, W)``: a fully sampled centred square of side
     ``center_fraction * min(H, W)`` and elsewhere i.i.d. sampling with probability ∝ (1 - r)^decay
     (r the normalised radius), scaled so that about ``H * W / acceleration`` points are kept."""
-    h, w = shape
-    if acceleration < 1:
-        raise ValueError(f"acceleration: expected a number >= 1, got {acceleration!r}")
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"shape: expected (H, W), got {shape!r}")
+    h, w = (check_int("shape", n, 2, MAX_COLS) for n in shape)
+    check_number("acceleration", acceleration, 1.0, float(h * w), meaning="at least one point in H x W")
+    check_number("center_fraction", center_fraction, 0.0, 1.0)
+    check_number("decay", decay, 0.0)
+    seed = _check_seed(seed)
     ky = (np.arange(h) - h // 2) / (h / 2)
     kx = (np.arange(w) - w // 2) / (w / 2)
     r = np.clip(np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) / np.sqrt(2), 0, 1)
@@ -177,7 +196,10 @@ def variable_density_mask(
     budget = h * w / acceleration - center.sum()
     outer = density * ~center
     if budget <= 0 or outer.sum() == 0:
-        raise ValueError(f"center_fraction: {center_fraction} already keeps more than 1/{acceleration} of the points")
+        raise ValueError(
+            f"center_fraction: {center_fraction} already keeps more than 1/acceleration = 1/{acceleration} of the "
+            "points (or decay leaves none outside the centre)"
+        )
     # Bisection on the scale so the expected count hits the budget (probabilities are clipped at 1).
     lo, hi = 0.0, 1.0
     while np.minimum(hi * outer, 1).sum() < budget:
@@ -197,6 +219,7 @@ def mask_axes(mask: torch.Tensor, height: int, width: int) -> tuple[int, ...]:
     constant mask gives ``()``. Leading (batch, coil) dims may differ (one column mask per sample
     still varies along W only, so each sample's normal operator needs a 1-D transform only).
     """
+    check_tensor("mask", mask)
     m = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 2 else mask
     varies_h = m.shape[-2] != 1 and bool((m != m[..., :1, :]).any())
     varies_w = m.shape[-1] != 1 and bool((m != m[..., :, :1]).any())

@@ -21,10 +21,12 @@ from mbdl_fast._validate import (
     check_broadcastable,
     check_complex,
     check_finite,
+    check_nonempty,
     check_real,
     check_same_device,
     check_tensor,
     describe,
+    value_checks_wanted,
 )
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.fft import fftc, ifftc
@@ -75,7 +77,8 @@ class MultiCoilMRI(LinearPhysics):
             check_same_device([("coil_maps", self.coil_maps), ("mask", mask)])
         # float64 is kept (a soft mask rounded to float32 would be off by 1e-8 in complex128 results); each
         # operator casts it to the precision of its data (``mask_for``), so it never promotes complex64 data.
-        self.mask = mask if mask.dtype == torch.float64 else mask.to(torch.float32)
+        # Always a copy: the cached axes below must describe this mask even if the caller's buffer changes later.
+        self.mask = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32, copy=True)
         self._mask_axes = mask_axes(self.mask, mask.shape[-2], mask.shape[-1])
 
     def _set_coil_maps(self, coil_maps: torch.Tensor | None) -> None:
@@ -83,6 +86,7 @@ class MultiCoilMRI(LinearPhysics):
             check_complex("coil_maps", coil_maps, "(B, C, H, W)", 4)
             if coil_maps.dtype not in (torch.complex64, torch.complex128):
                 raise TypeError(f"coil_maps: expected complex64 (B, C, H, W), got {describe(coil_maps)}")
+            check_nonempty("coil_maps", coil_maps, "complex64 (B, C, H, W)")
             check_finite("coil_maps", coil_maps)
         self.coil_maps = coil_maps
 
@@ -118,10 +122,11 @@ class MultiCoilMRI(LinearPhysics):
     def _check_image(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.complex64 and x.dtype != torch.complex128:
             raise TypeError(f"{name}: expected complex64 (B, H, W), got {describe(x)}")
+        check_nonempty(name, x, "complex (B, H, W)")
         if self.coil_maps is not None and self.coil_maps.dtype != x.dtype:
             raise TypeError(f"coil_maps: expected {x.dtype} like {name}, got {describe(self.coil_maps)}")
         b, h, w = x.shape
-        check_broadcastable("mask", self.mask, (b, 1, h, w), "k-space (B, C, H, W)")
+        check_broadcastable("mask", self.mask, (b, 1, h, w), f"the k-space (B, C, H, W) of {name}")
         check_same_device([(name, x), ("mask", self.mask)])
         if self.coil_maps is not None:
             check_same_device([(name, x), ("coil_maps", self.coil_maps)])
@@ -130,6 +135,8 @@ class MultiCoilMRI(LinearPhysics):
                     f"coil_maps: expected complex64 ({b}, C, {h}, {w}) (or batch 1) to match {name} {describe(x)}, "
                     f"got {describe(self.coil_maps)}"
                 )
+        if value_checks_wanted():
+            check_finite(name, x)
         return x
 
     def _image_out(self, x: torch.Tensor, channel: bool) -> torch.Tensor:
@@ -147,6 +154,9 @@ class MultiCoilMRI(LinearPhysics):
             y = from_real_packed(y)
         else:
             check_complex(name, y, "k-space (B, C, H, W)", 4)
+        check_nonempty(name, y, "k-space (B, C, H, W)")
+        if value_checks_wanted():
+            check_finite(name, y)
         if not any_coils and y.shape[1] != self.num_coils:
             raise ValueError(
                 f"{name}: expected k-space (B, {self.num_coils}, H, W) ({self.num_coils} coils), got {describe(y)}"

@@ -51,7 +51,15 @@ from collections.abc import Callable
 
 import torch
 
-from mbdl_fast._validate import check_finite, check_real, check_same_device, check_tensor, describe
+from mbdl_fast._validate import (
+    check_finite,
+    check_nonempty,
+    check_real,
+    check_same_device,
+    check_tensor,
+    describe,
+    value_checks_wanted,
+)
 from mbdl_fast.physics.base import LinearPhysics, _gamma_view
 
 __all__ = ["SuperResolution"]
@@ -80,7 +88,8 @@ class SuperResolution(LinearPhysics):
     Images ``x``: real ``(B, C, H, W)`` (e.g. RGB) or complex ``(B, H, W)`` / ``(B, 1, H, W)``;
     float32/float64 or complex64/complex128; H and W divisible by ``factor``. Measurements ``y``
     have the same leading dims and dtype kind, spatial size ``(H / s, W / s)``. Real images give
-    real measurements. Inputs are not scanned for NaN (that would cost a device sync per call).
+    real measurements. Inputs are scanned for NaN/Inf (a device sync) except inside solvers, which scan
+    once per solve (``mbdl_fast.skip_value_checks``).
 
     Kernel spectra are cached per ``(H, W, device, dtype)``; ``update(kernel=..., factor=...)``
     clears the cache.
@@ -190,6 +199,9 @@ class SuperResolution(LinearPhysics):
             raise ValueError(
                 f"{name}: expected real (B, C, H, W) or complex (B, H, W) / (B, 1, H, W), got {describe(t)}"
             )
+        check_nonempty(name, t, "(B, C, H, W) or (B, H, W)")
+        if value_checks_wanted():
+            check_finite(name, t)
         return t
 
     def _check_image(self, name: str, x: object) -> None:

@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 
-from mbdl_fast._validate import check_tensor, describe
+from mbdl_fast._validate import check_finite, check_nonempty, check_tensor, describe, value_checks_wanted
 
 
-def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
-    """Require real floating ``(B, in_channels, H, W)``; a complex tensor gets a hint to use ``denoise``."""
+def check_prior_input(x: object, in_channels: int, prior: torch.nn.Module | None = None) -> torch.Tensor:
+    """Require real floating ``(B, in_channels, H, W)``; a complex tensor gets a hint to use ``denoise``.
+
+    With ``prior``, ``x`` must also have the dtype and device of its weights (outside autocast).
+    """
     x = check_tensor("x", x)
     layout = f"(B, {in_channels}, H, W)"
     if x.is_complex():
@@ -31,13 +34,31 @@ def check_prior_input(x: object, in_channels: int) -> torch.Tensor:
         raise TypeError(f"x: expected real floating {layout}, got {describe(x)}")
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"x: expected real floating {layout}, got {describe(x)}")
+    check_nonempty("x", x, layout)
+    weight = next(prior.parameters(), None) if prior is not None else None
+    if weight is not None:
+        if x.device != weight.device:
+            raise ValueError(f"x: expected a tensor on {weight.device} (the prior's weights), got {describe(x)}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            dtype = str(weight.dtype).replace("torch.", "")
+            raise TypeError(f"x: expected {dtype} {layout} (the dtype of the prior's weights), got {describe(x)}")
+    if value_checks_wanted():
+        check_finite("x", x)
     return x
 
 
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (bools refused: ``True`` is not a width)."""
+#: Bounds of the architecture arguments: far beyond any real prior, they keep a config (or a checkpoint's) from
+#: asking for a network that takes minutes and gigabytes to build.
+MAX_WIDTH = 65536
+MAX_LAYERS = 1000
+
+
+def positive_int(name: str, value: object, maximum: int = MAX_WIDTH) -> int:
+    """``value`` as an int in [1, maximum] (bools refused: ``True`` is not a width)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name}: expected a positive int <= {maximum}, got {value!r}")
     return int(value)
 
 
@@ -62,9 +83,13 @@ def resolve_widths(
         raise TypeError(f"widths: expected a list of {length} positive ints ({layout}), got {type(widths).__name__}")
     if len(widths) != length:
         raise ValueError(f"widths: expected {length} entries ({layout}), got {len(widths)}: {list(widths)}")
-    bad = [(i, w) for i, w in enumerate(widths) if isinstance(w, bool) or not isinstance(w, int) or w < 1]
+    bad = [
+        (i, w) for i, w in enumerate(widths) if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_WIDTH
+    ]
     if bad:
-        raise ValueError(f"widths: expected positive ints ({layout}), got {bad[0][1]!r} at index {bad[0][0]}")
+        raise ValueError(
+            f"widths: expected positive ints <= {MAX_WIDTH} ({layout}), got {bad[0][1]!r} at index {bad[0][0]}"
+        )
     return tuple(int(w) for w in widths)
 
 

@@ -11,6 +11,7 @@ import inspect
 
 import torch
 
+from mbdl_fast._validate import check_tensor, describe
 from mbdl_fast.complex import from_real_packed, to_real_packed
 
 
@@ -23,7 +24,14 @@ def _takes_sigma(prior: torch.nn.Module) -> bool:
 
 
 def denoise(prior: torch.nn.Module, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
-    """prior(x): complex (B, H, W) or (B, 1, H, W) through 2 real channels and back; real tensors as they are."""
+    """prior(x): complex (B, H, W) or (B, 1, H, W) through 2 real channels (B, 2, H, W) and back; real tensors
+    (B, C, H, W) as they are (the prior checks them)."""
+    if not isinstance(prior, torch.nn.Module):
+        raise TypeError(f"prior: expected a torch.nn.Module, got {type(prior).__name__}")
+    x = check_tensor("x", x)
+    if x.is_complex() and not (x.dim() == 3 or (x.dim() == 4 and x.shape[1] == 1)):
+        # A (B, 2, H, W) complex tensor would otherwise lose every channel but the first.
+        raise ValueError(f"x: expected complex (B, H, W) or (B, 1, H, W) (one image per sample), got {describe(x)}")
     if not x.is_complex():
         return prior(x, sigma) if sigma is not None and _takes_sigma(prior) else prior(x)
     channel = x.dim() == 4

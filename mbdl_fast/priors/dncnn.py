@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbdl_fast.priors._common import check_prior_input, kwargs_from_config, positive_int, resolve_widths
+from mbdl_fast._validate import check_int
+from mbdl_fast.priors._common import MAX_LAYERS, check_prior_input, kwargs_from_config, positive_int, resolve_widths
 from mbdl_fast.registry import register
 
 
@@ -61,9 +62,7 @@ class DnCNN(nn.Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
-            raise ValueError(f"depth: expected an int >= 2 (first and last convolution), got {depth!r}")
-        self.depth = depth
+        self.depth = check_int("depth", depth, 2, MAX_LAYERS)  # >= 2: a first and a last convolution
         self.widths = resolve_widths("width", width, widths, 64, depth - 1, "outputs of convs 0 .. depth-2")
         if residual and in_channels != out_channels:
             raise ValueError(f"residual: needs in_channels == out_channels, got {in_channels} and {out_channels}")
@@ -85,7 +84,7 @@ class DnCNN(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         h = torch.relu(self.convs[0](x))
         for i in range(1, self.depth - 1):
             h = self.convs[i](h)

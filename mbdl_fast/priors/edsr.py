@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbdl_fast.priors._common import check_prior_input, kwargs_from_config, positive_int, resolve_widths
+from mbdl_fast._validate import check_int, check_number
+from mbdl_fast.priors._common import MAX_LAYERS, check_prior_input, kwargs_from_config, positive_int, resolve_widths
 from mbdl_fast.registry import register
 
 
@@ -88,9 +89,7 @@ class EDSR(nn.Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-            raise ValueError(f"num_blocks: expected an int >= 0, got {num_blocks!r}")
-        self.num_blocks = num_blocks
+        self.num_blocks = check_int("num_blocks", num_blocks, 0, MAX_LAYERS)
         layout = "head, then conv1 and conv2 of each block, then body_end"
         self.widths = resolve_widths("width", width, widths, 64, 2 * num_blocks + 2, layout)
         tied = [self.widths[i] for i in self.tied_widths()[0]]
@@ -103,7 +102,7 @@ class EDSR(nn.Module):
             raise ValueError(
                 f"residual_to_input: needs in_channels == out_channels, got {in_channels} and {out_channels}"
             )
-        self.res_scale = float(res_scale)
+        self.res_scale = check_number("res_scale", res_scale)
         self.residual_to_input = bool(residual_to_input)
         self.bias = bool(bias)
 
@@ -128,7 +127,7 @@ class EDSR(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         h0 = self.head(x)
         h = h0
         for block in self.blocks:

@@ -140,7 +140,7 @@ class UNet(nn.Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        P = positive_int("num_pool_layers", num_pool_layers)
+        P = positive_int("num_pool_layers", num_pool_layers, maximum=16)  # 2^16 pixels per side at least
         self.num_pool_layers = P
         if not 0.0 <= float(drop_prob) <= 1.0:
             raise ValueError(f"drop_prob: expected a probability in [0, 1], got {drop_prob!r}")
@@ -181,7 +181,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         least = 2**self.num_pool_layers
         h, w = x.shape[-2:]
         if h < least or w < least or (h // least) * (w // least) < 2:
@@ -287,7 +287,7 @@ class NormUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Real ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``; ``sigma`` is ignored."""
-        check_prior_input(x, self.in_channels)
+        check_prior_input(x, self.in_channels, self)
         b, c, h, w = x.shape
         groups = x.reshape(b, 2, (c // 2) * h * w)
         mean = groups.mean(dim=2).view(b, 2, 1, 1, 1)

@@ -31,12 +31,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbdl_fast._validate import check_finite, check_tensor, describe
+from mbdl_fast._validate import (
+    MAX_ITERATIONS,
+    check_finite,
+    check_int,
+    check_nonempty,
+    check_operator,
+    check_tensor,
+    describe,
+    run_unchecked,
+)
 from mbdl_fast.backends import BACKENDS
 from mbdl_fast.dc import _checks_wanted, dc_step
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.registry import build, config_of, register
-from mbdl_fast.solvers.fixed_point import anderson_solve, fixed_point_solve
+from mbdl_fast.solvers.fixed_point import MAX_ANDERSON_M, anderson_solve, fixed_point_solve
 
 __all__ = ["DEQ", "jacobian_frobenius_estimate"]
 
@@ -85,15 +94,15 @@ def _check_option(key: str, value: Any) -> Any:
         return choice(("auto",) + BACKENDS)
     if key == "anderson_coefficients":
         return choice(("real", "complex"))
-    if key in ("f_max_iter", "b_max_iter", "anderson_m"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}: expected an int >= 1, got {value!r}")
-        return value
+    if key in ("f_max_iter", "b_max_iter"):
+        return check_int(key, value, 1, MAX_ITERATIONS)
+    if key == "anderson_m":
+        return check_int(key, value, 1, MAX_ANDERSON_M)
     if key in ("f_tol", "b_tol", "anderson_beta"):
         return number(positive=True)
     if key == "anderson_lam":
         return number(positive=False)
-    raise TypeError(f"DEQ: unknown option {key!r}; known options: {sorted(DEFAULT_SOLVER_OPTIONS)}")
+    raise TypeError(f"{key}: unknown option {key!r} of DEQ; known options: {sorted(DEFAULT_SOLVER_OPTIONS)}")
 
 
 def jacobian_frobenius_estimate(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -267,30 +276,33 @@ class DEQ(nn.Module):
             if x0 is not None:
                 raise ValueError("z0: x0 and z0 name the same initial iterate; give one of them")
             x0 = z0
-        check_tensor("y", y)
-        AHy = physics.A_adjoint(y)
+        check_operator("physics", physics, ("A", "A_adjoint", "A_adjoint_A"))
+        check_nonempty("y", check_tensor("y", y), "measurements")
+        checks = _checks_wanted(True)
+        if checks:
+            check_finite("y", y)
+        AHy = run_unchecked(physics.A_adjoint, y)
         if x0 is not None:
             check_tensor("x0", x0)
             if x0.shape != AHy.shape or x0.dtype != AHy.dtype:
                 raise ValueError(f"x0: expected {describe(AHy)} like A^H y, got {describe(x0)}")
-        if _checks_wanted(True):
-            check_finite("y", y)
-            if x0 is not None:
+            if checks:
                 check_finite("x0", x0)
-        z_star, info = self.fixed_point(y, physics, x0=x0, AHy=AHy.detach())
+        # Inputs are checked once: the iterations skip the operator's and the prior's NaN scans.
+        z_star, info = run_unchecked(self.fixed_point, y, physics, x0=x0, AHy=AHy.detach())
         self.last_info = info
         self._last_solve = (z_star, physics, AHy.detach()) if torch.is_grad_enabled() else None
         if jac_loss and not torch.is_grad_enabled():
             raise RuntimeError("jac_loss: the Jacobian estimate needs autograd; call with gradients enabled")
         if self.solver_options["backward"] == "implicit" and torch.is_grad_enabled():
-            out = self._implicit_output(z_star, physics, AHy, info if jac_loss else None)
+            out = run_unchecked(self._implicit_output, z_star, physics, AHy, info if jac_loss else None)
         elif jac_loss:
             z = z_star.detach().requires_grad_()
-            out = self._operator(z, physics, AHy, self.alpha, self.gamma)
+            out = run_unchecked(self._operator, z, physics, AHy, self.alpha, self.gamma)
             info["jac_loss"] = jacobian_frobenius_estimate(out, z)
-            info["slow_gain"] = self._slow_gain(z_star, out, physics, AHy)
+            info["slow_gain"] = run_unchecked(self._slow_gain, z_star, out, physics, AHy)
         else:
-            out = self._operator(z_star, physics, AHy, self.alpha, self.gamma)
+            out = run_unchecked(self._operator, z_star, physics, AHy, self.alpha, self.gamma)
         return (out, info) if return_info else out
 
     def _implicit_output(

@@ -16,9 +16,15 @@ with a ``ConvergenceWarning``; ``info`` always says which samples converged.
     residual              (B,) residual of the returned iterate
     trace                 list with one (B,) residual per evaluation (frozen samples repeat theirs)
     converged             (B,) bool, residual <= tol
+    nonfinite             (B,) bool, f returned NaN/Inf for the sample: it stopped there (see below)
 
 A frozen sample is still evaluated (at its frozen iterate) because f may mix the batch with
 per-sample operator data (coil maps, masks); only its iterate is held.
+
+A sample whose f(z) holds a NaN or Inf stops at once: it is frozen at its lowest-residual finite
+iterate, never mixed into Anderson's history again, and reported (a ``ConvergenceWarning`` naming
+the samples, ``info["nonfinite"]``); the other samples go on, and the loop ends when every sample
+has converged or stopped.
 """
 
 from __future__ import annotations
@@ -29,28 +35,36 @@ from collections.abc import Callable
 
 import torch
 
-from mbdl_fast._validate import check_tensor, describe
+from mbdl_fast._validate import (
+    MAX_ITERATIONS,
+    check_choice,
+    check_finite,
+    check_int,
+    check_nonempty,
+    check_number,
+    check_tensor,
+    describe,
+)
+from mbdl_fast.linalg import ConvergenceWarning
 
 __all__ = ["ConvergenceWarning", "anderson_solve", "fixed_point_solve"]
 
 _STOP_MODES = ("rel", "abs")
 _COEFFICIENTS = ("real", "complex")
-
-
-class ConvergenceWarning(UserWarning):
-    """A fixed-point solve stopped at ``max_iter`` with samples above the tolerance."""
+#: Anderson keeps 2m iterates per sample: a history beyond this is a configuration error, not a choice.
+MAX_ANDERSON_M = 64
 
 
 def _check_args(z0: object, tol: float, max_iter: int, stop_mode: str) -> torch.Tensor:
     z0 = check_tensor("z0", z0)
-    if z0.dim() < 1 or z0.shape[0] < 1 or not (z0.is_floating_point() or z0.is_complex()):
-        raise ValueError(f"z0: expected a floating or complex tensor (B, ...) with B >= 1, got {describe(z0)}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol: expected a finite number > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
-    if stop_mode not in _STOP_MODES:
-        raise ValueError(f"stop_mode: expected one of {_STOP_MODES}, got {stop_mode!r}")
+    if z0.dim() < 1 or z0.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        # Half precision cannot carry a 1e-4 tolerance, and the Anderson system is solved in z0's precision.
+        raise TypeError(f"z0: expected a float32/float64 or complex64/complex128 tensor (B, ...), got {describe(z0)}")
+    check_nonempty("z0", z0, "tensor (B, ...)")
+    check_finite("z0", z0)
+    check_number("tol", tol, 0.0, open_min=True)
+    check_int("max_iter", max_iter, 1, MAX_ITERATIONS)
+    check_choice("stop_mode", stop_mode, _STOP_MODES)
     return z0
 
 
@@ -84,22 +98,35 @@ class _Tracker:
         self.best = x.clone()
         self.best_res = torch.full((b,), math.inf, dtype=real, device=x.device)
         self.converged = torch.zeros(b, dtype=torch.bool, device=x.device)
+        self.nonfinite = torch.zeros(b, dtype=torch.bool, device=x.device)
+        self.first_nonfinite: int | None = None
         self.iters = torch.zeros(b, dtype=torch.int64, device=x.device)
         self.trace: list[torch.Tensor] = []
         self.evaluations = 0
 
-    def update(self, x: torch.Tensor, res: torch.Tensor) -> bool:
-        """Record the residual ``res`` of iterate ``x``; freeze newly converged samples; True when all have."""
+    @property
+    def stopped(self) -> torch.Tensor:
+        """(B,) bool: samples whose iterate is held (converged, or f gave NaN/Inf)."""
+        return self.converged | self.nonfinite
+
+    def update(self, x: torch.Tensor, fx: torch.Tensor, res: torch.Tensor) -> bool:
+        """Record the residual ``res`` of iterate ``x`` (whose image is ``fx``); freeze newly converged samples and
+        stop those whose f(x) is not finite; True when every sample has converged or stopped."""
         self.evaluations += 1
-        active = ~self.converged
+        active = ~self.stopped
+        broken = active & ~torch.isfinite(fx).all(dim=1)
+        if self.first_nonfinite is None and bool(broken.any()):
+            self.first_nonfinite = self.evaluations
+        self.nonfinite = self.nonfinite | broken
+        active = active & ~broken
         # A diverging sample (residual inf, see _residual) keeps its last finite best.
         better = active & (res < self.best_res)
         self.best = torch.where(better[:, None], x, self.best)
         self.best_res = torch.where(better, res, self.best_res)
-        self.iters = torch.where(active, self.evaluations, self.iters)
+        self.iters = torch.where(active | broken, self.evaluations, self.iters)
         self.trace.append(torch.where(active, res, self.best_res))
         self.converged = self.converged | (active & (res <= self.tol))
-        return bool(self.converged.all())
+        return bool(self.stopped.all())
 
     def finish(self, solver: str, shape: torch.Size, max_iter: int) -> tuple[torch.Tensor, dict]:
         info = {
@@ -108,10 +135,20 @@ class _Tracker:
             "residual": self.best_res,
             "trace": self.trace,
             "converged": self.converged,
+            "nonfinite": self.nonfinite,
         }
-        failed = int((~self.converged).sum())
+        if bool(self.nonfinite.any()):
+            broken = torch.nonzero(self.nonfinite).flatten().tolist()
+            warnings.warn(
+                f"{solver}: f(z) returned NaN/Inf for sample(s) {broken} of {shape[0]} (first at evaluation "
+                f"{self.first_nonfinite}); they stopped at their last finite iterate, the others went on; "
+                "see info['nonfinite']",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        failed = int((~self.converged & ~self.nonfinite).sum())
         if failed:
-            worst = float(self.best_res[~self.converged].max())
+            worst = float(self.best_res[~self.converged & ~self.nonfinite].max())
             warnings.warn(
                 f"{solver}: {failed} of {shape[0]} samples did not converge to tol={self.tol:g} in "
                 f"max_iter={max_iter} iterations (largest final residual {worst:.3e}); see info['converged']",
@@ -147,9 +184,9 @@ def fixed_point_solve(
         tracker = _Tracker(x, tol)
         for _ in range(max_iter):
             fx = _evaluate(f, x, shape)
-            if tracker.update(x, _residual(fx, x, stop_mode)):
+            if tracker.update(x, fx, _residual(fx, x, stop_mode)):
                 break
-            x = torch.where(tracker.converged[:, None], tracker.best, fx)
+            x = torch.where(tracker.stopped[:, None], tracker.best, fx)
         return tracker.finish("fixed_point_solve", shape, max_iter)
 
 
@@ -210,14 +247,10 @@ def anderson_solve(
         ``(z, info)``: z (B, ...) the frozen iterate of converged samples, the lowest-residual one of the others.
     """
     z0 = _check_args(z0, tol, max_iter, stop_mode)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m: expected an int >= 1 (the history size), got {m!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
-    if coefficients not in _COEFFICIENTS:
-        raise ValueError(f"coefficients: expected one of {_COEFFICIENTS}, got {coefficients!r}")
+    check_int("m", m, 1, MAX_ANDERSON_M)
+    check_number("lam", lam, 0.0)
+    check_number("beta", beta, 0.0, open_min=True)
+    check_choice("coefficients", coefficients, _COEFFICIENTS)
     shape = z0.shape
     b = shape[0]
     with torch.no_grad():
@@ -235,10 +268,11 @@ def anderson_solve(
         eye = torch.eye(m, dtype=coef_dtype, device=x.device)
         for k in range(max_iter):
             fx = _evaluate(f, x, shape)
-            if tracker.update(x, _residual(fx, x, stop_mode)):
+            if tracker.update(x, fx, _residual(fx, x, stop_mode)):
                 break
-            X[:, k % m] = x
-            F[:, k % m] = fx
+            # A stopped sample's history is never mixed again; zeros keep NaN out of its (ignored) system.
+            X[:, k % m] = torch.where(tracker.stopped[:, None], 0, x)
+            F[:, k % m] = torch.where(tracker.stopped[:, None], 0, fx)
             n = min(k + 1, m)
             G = F[:, :n] - X[:, :n]
             gram = torch.bmm(G.conj(), G.transpose(1, 2))
@@ -246,7 +280,7 @@ def anderson_solve(
                 gram = gram.real
             scale = torch.diagonal(gram, dim1=1, dim2=2).real.mean(dim=1)
             # Frozen samples (and exact fixed points, scale 0) get a harmless well-posed system.
-            solvable = ~tracker.converged & (scale > 0)
+            solvable = ~tracker.stopped & (scale > 0)
             mu = torch.where(solvable, lam * scale, 1.0).to(coef_dtype)
             gram = torch.where(solvable[:, None, None], gram, eye[:n, :n]) + mu[:, None, None] * eye[:n, :n]
             bordered[:, 1 : n + 1, 1 : n + 1] = gram
@@ -255,5 +289,5 @@ def anderson_solve(
             mixed = torch.bmm(coef.transpose(1, 2), F[:, :n])[:, 0]
             if beta != 1.0:
                 mixed = beta * mixed + (1 - beta) * torch.bmm(coef.transpose(1, 2), X[:, :n])[:, 0]
-            x = torch.where(tracker.converged[:, None], tracker.best, mixed)
+            x = torch.where(tracker.stopped[:, None], tracker.best, mixed)
         return tracker.finish("anderson_solve", shape, max_iter)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.functional import relu
 
-from mbdl_fast._validate import describe
+from mbdl_fast._validate import describe, run_unchecked
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.dc import dc_step
 from mbdl_fast.registry import build, config_of, register
@@ -410,8 +410,8 @@ class RecursiveUnfolding(nn.Module):
         """
         counts = self.recursion_counts(recursions)
         self.last_recursions = counts
-        _check_solver_inputs(y, x0)
-        ahy = _adjoint_measurements(physics, y, x0)
+        _check_solver_inputs(y, x0, physics)
+        ahy = run_unchecked(_adjoint_measurements, physics, y, x0)
         x = ahy if x0 is None else x0
         ratio = measurement_ratio(physics) if ratio is None else ratio
         total = sum(counts)

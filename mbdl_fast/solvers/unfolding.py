@@ -29,7 +29,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mbdl_fast._validate import check_finite, check_tensor
+from mbdl_fast._validate import (
+    MAX_ITERATIONS,
+    check_choice,
+    check_finite,
+    check_int,
+    check_nonempty,
+    check_number,
+    check_operator,
+    check_tensor,
+    run_unchecked,
+)
+from mbdl_fast.backends import BACKENDS
 from mbdl_fast.dc import dc_step
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.prox import prox_l2
@@ -44,9 +55,7 @@ _ALGORITHMS = ("pgd", "hqs")
 # Helpers shared by the unrolled solvers (also used by varnet.py and recursion.py)
 # ------------------------------------------------------------------------------------------------
 def _check_count(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum, MAX_ITERATIONS)
 
 
 def _as_module_list(name: str, modules: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -92,14 +101,15 @@ def _adjoint_measurements(physics: nn.Module, y: torch.Tensor, x0: torch.Tensor 
     return ahy
 
 
-def _check_solver_inputs(y: torch.Tensor, x0: torch.Tensor | None) -> None:
-    """One NaN/Inf scan per forward (a device sync), so the iterations skip theirs; none inside a traced graph
-    (torch.compile, torch.export, a CUDA-graph capture), where it would be a data-dependent branch."""
+def _check_solver_inputs(y: torch.Tensor, x0: torch.Tensor | None, physics: object) -> None:
+    """One NaN/Inf scan per forward (a device sync), so the iterations skip theirs (``run_unchecked``); none inside
+    a traced graph (torch.compile, torch.export, a CUDA-graph capture), where it would be a data-dependent branch."""
     from mbdl_fast.dc import _checks_wanted
 
-    check_tensor("y", y)
+    check_operator("physics", physics, ("A", "A_adjoint"))
+    check_nonempty("y", check_tensor("y", y), "measurements")
     if x0 is not None:
-        check_tensor("x0", x0)
+        check_nonempty("x0", check_tensor("x0", x0), "image")
     if _checks_wanted(True):
         check_finite("y", y)
         if x0 is not None:
@@ -114,8 +124,8 @@ def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
     single iteration instead of K of them, at the cost of a second forward pass.
     """
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+        return checkpoint(run_unchecked, fn, *args, use_reentrant=False)
+    return run_unchecked(fn, *args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,8 +141,8 @@ class DeepUnfolding(nn.Module):
         num_iters: K, the number of unrolled iterations.
         algorithm: "pgd" (x <- D(x - gamma A^H(Ax - y))) or "hqs" (x <- prox_l2(D(x), y, gamma)).
         tied: share one prior and one step size across iterations.
-        gamma_init: initial step size gamma (PGD) or prox weight gamma (HQS); stored as is,
-            not reparametrised, so keep it positive (HQS needs gamma > 0 for a proper prox).
+        gamma_init: initial step size gamma (PGD) or prox weight gamma (HQS), a finite number > 0; stored
+            as is, not reparametrised.
         learn_gamma: make gamma a parameter; else a buffer (saved, not trained).
         checkpointing: recompute each iteration in backward (``torch.utils.checkpoint``,
             non-reentrant) so training memory does not grow with K. A prior with batch norm in
@@ -168,7 +178,7 @@ class DeepUnfolding(nn.Module):
         else:
             items = _replicate("priors", priors, self.num_iters)
         self.priors = nn.ModuleList(items)
-        self.gamma_init = float(gamma_init)
+        self.gamma_init = check_number("gamma_init", gamma_init, 0.0, open_min=True, meaning="a step size")
         self.learn_gamma = bool(learn_gamma)
         gamma = torch.full((1 if self.tied else self.num_iters,), self.gamma_init, dtype=torch.float32)
         if self.learn_gamma:
@@ -176,7 +186,7 @@ class DeepUnfolding(nn.Module):
         else:
             self.register_buffer("gamma", gamma)
         self.checkpointing = bool(checkpointing)
-        self.dc_backend = dc_backend
+        self.dc_backend = check_choice("dc_backend", dc_backend, ("auto", *BACKENDS))
 
     def prior(self, k: int) -> nn.Module:
         """D_k: the prior of iteration k (the shared one when tied)."""
@@ -207,8 +217,8 @@ class DeepUnfolding(nn.Module):
         Returns:
             x_K, shaped like A^H y (or like ``x0``).
         """
-        _check_solver_inputs(y, x0)
-        ahy = _adjoint_measurements(physics, y, x0)
+        _check_solver_inputs(y, x0, physics)
+        ahy = run_unchecked(_adjoint_measurements, physics, y, x0)
         x = ahy if x0 is None else x0
         for k in range(self.num_iters):
             x = _maybe_checkpoint(self.checkpointing, self._iteration, k, x, y, ahy, physics)

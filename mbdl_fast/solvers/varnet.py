@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbdl_fast._validate import check_complex, describe
+from mbdl_fast._validate import check_complex, check_number, describe
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.fft import fft2c, ifft2c
 from mbdl_fast.priors.base import denoise
@@ -252,7 +252,7 @@ class VarNet(nn.Module):
         self.pools = _check_count("pools", pools, minimum=0)
         if priors is None:
             priors = [_norm_unet(chans=self.chans, num_pool_layers=self.pools) for _ in range(self.num_cascades)]
-        self.dc_weight_init = float(dc_weight_init)
+        self.dc_weight_init = check_number("dc_weight_init", dc_weight_init)
         self.cascades = nn.ModuleList(
             VarNetBlock(p, self.dc_weight_init) for p in _replicate("priors", priors, self.num_cascades)
         )
@@ -361,7 +361,7 @@ class VarNet(nn.Module):
             ``output="combined"``: R(k_T), complex (B, H, W) (real-packed (B, 2, H, W) for a real-packed
             physics). ``output="rss"``: real (B, H, W), sqrt(Σ_c |F_c^H k_T,c|²).
         """
-        _check_solver_inputs(y, x0)
+        _check_solver_inputs(y, x0, physics)
         return self.reconstruct(self.measured_kspace(y, physics), physics, x0, num_low_frequencies)
 
     # -- configs ----------------------------------------------------------------------------------
