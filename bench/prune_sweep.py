@@ -1,7 +1,9 @@
-"""Pruning-ratio sweep of the shipped DEQ-MRI model for each fine-tuning strategy (issue 4's target).
+"""Pruning-ratio sweep of a shipped MRI model (DEQ or deep unfolding) for each fine-tuning strategy (issue 4's target).
 
     python bench/prune_sweep.py --epochs 10 --lr 1e-3 --out bench/results/prune_sweep_cpu          # both phases
     python bench/prune_sweep.py --phase time --out bench/results/prune_sweep_cpu                   # re-time only
+    python bench/prune_sweep.py --model e2e_varnet_mri_4x --ratios 0.5 --round-to 16 \
+        --out bench/results/prune_e2e_varnet_cpu                                                   # SPADE's DU case
 
 Phase ``train``: prune the dense model (L1) once per ratio, fine-tune a copy per strategy, and
 measure PSNR / SSIM / NMSE and DEQ iterations on the test split, every model at the same DEQ
@@ -11,7 +13,10 @@ dense model and every saved pruned model are timed round-robin in one run (``--r
 over the test split, median), so the speed-ups come from one measurement of all models together
 and background load during the long training phase cannot bias them. Writes JSON, a Markdown table
 and a PSNR-vs-time plot (PNG). ``--round-to 4`` gives a finer sweep (the default of ``prune_channels``,
-8, keeps tensor-core alignment on GPUs but on a 32-channel prior leaves only widths 24 and 16).
+8, keeps tensor-core alignment on GPUs but on a 32-channel prior leaves only widths 24 and 16; ``--round-to 16``
+keeps oneDNN's 16-channel blocks whole on a CPU). A deep-unfolding model (VarNet, E2E-VarNet with its sensitivity
+network, DeepUnfolding) runs its K iterations for every model, pruned or not; its rows have no iteration count or
+convergence.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from pathlib import Path
 import torch
 
 from mbdl_fast.checkpoint import load_model, save_model
-from mbdl_fast.evaluate import machine
+from mbdl_fast.evaluate import machine, solver_setting
 from mbdl_fast.prune.channels import prune_channels
 from mbdl_fast.prune.pipeline import finetune_pruned, load_problem, measure, time_models
-from mbdl_fast.weights import weights_path
+from mbdl_fast.weights import SHIPPED, weights_path
 
 
 def main() -> None:
@@ -48,17 +53,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timing passes over the test split (median)")
     parser.add_argument("--strategy-budget", dest="strategy_budget", default="{}",
                         help='JSON per strategy overriding epochs / lr, e.g. \'{"self_supervised": {"epochs": 20}}\'')  # fmt: skip
-    parser.add_argument("--model", default="deq_mri_4x")
+    parser.add_argument("--model", default="deq_mri_4x", help="a shipped model's name or a checkpoint path")
     parser.add_argument("--models", default="runs/prune_sweep", help="where the fine-tuned models are saved")
     parser.add_argument("--out", default="bench/results/prune_sweep_cpu")
     args = parser.parse_args()
     out, models_dir = Path(args.out), Path(args.models)
     out.parent.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
-    problem = load_problem(weights_path(args.model), args.tol, args.max_iter)
+    checkpoint = weights_path(args.model) if args.model in SHIPPED else Path(args.model)
+    problem = load_problem(checkpoint, args.tol, args.max_iter)
     report = _load_report(out, args)
     report["header"]["test_images"] = sum(y.shape[0] for _, y, _ in problem.batches)
     report["header"]["dense_widths"] = sorted(set(_widths(problem.dense)))
+    report["header"]["unrolled"] = _unrolled_iterations(problem.dense)
     if args.phase in ("all", "train"):
         _train_phase(problem, report, args, out, models_dir)
     if args.phase in ("all", "time"):
@@ -118,9 +125,25 @@ def _train_phase(problem, report: dict, args, out: Path, models_dir: Path) -> No
             t, d = row["tuned"], report["dense"]
             print(f"{strategy:>16} ratio {ratio:.1f}: params {t['params']}, PSNR {t['psnr']:.2f} dB (dense "
                   f"{d['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), dPSNR {t['dpsnr']['mean']:+.2f} "
-                  f"[{t['dpsnr']['ci_low']:+.2f}, {t['dpsnr']['ci_high']:+.2f}], iterations {t['iterations']:.1f} vs "
-                  f"{d['iterations']:.1f}, converged {t['converged']:.0%}", flush=True)  # fmt: skip
+                  f"[{t['dpsnr']['ci_low']:+.2f}, {t['dpsnr']['ci_high']:+.2f}], iterations {_iterations(t)} vs "
+                  f"{_iterations(d)}, converged {_converged(t)}", flush=True)  # fmt: skip
             _write(out, report)
+
+
+def _unrolled_iterations(model: torch.nn.Module) -> int | None:
+    """K of a deep-unfolding model (VarNet cascades, DeepUnfolding iterations); None for a DEQ."""
+    if solver_setting(model):
+        return None
+    return getattr(model, "num_cascades", None) or getattr(model, "num_iters", None)
+
+
+def _solver_text(report: dict) -> str:
+    """What every model of the report runs: the DEQ's tolerance and cap, or the unrolled K."""
+    k = report["header"].get("unrolled")
+    if k:
+        return f"K = {k} unrolled iterations"
+    s = report["header"]["settings"]["solver"]
+    return f"DEQ tol {s['f_tol']:g}, cap {s['f_max_iter']}"
 
 
 def _widths(model: torch.nn.Module) -> list[int]:
@@ -153,11 +176,11 @@ def _write(out: Path, report: dict) -> str:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     s, d, timing = report["header"]["settings"], report["dense"], report.get("timing")
     secs = {k: v["median"] for k, v in timing["seconds_per_image"].items()} if timing else {}
-    head = (f"Shipped `{s['model']}`: L1 channel pruning (widths rounded to multiples of {s['round_to']}), "
+    head = (f"Model `{s['model']}`: L1 channel pruning (widths rounded to multiples of {s['round_to']}), "
             f"fine-tuning {s['epochs']} epochs at lr {s['lr']:g} (per-strategy budgets: {s.get('budget') or 'none'}) "
-            f"with the model's training tolerance; every model measured at DEQ tol {s['solver']['f_tol']:g}, cap "
-            f"{s['solver']['f_max_iter']}, on the {report['header']['test_images']} test images; dPSNR is the mean "
-            "paired difference against dense with its 95 % confidence interval.")  # fmt: skip
+            f"with the model's training tolerance; every model measured at {_solver_text(report)}, on the "
+            f"{report['header']['test_images']} test images; dPSNR is the mean paired difference against dense with "
+            "its 95 % confidence interval.")  # fmt: skip
     if timing:
         head += (f" Times: {timing['device']}, {timing['threads']} threads, torch {timing['torch']}, all models "
                  f"timed round-robin in one run, median of {timing['repeats']} passes over {timing['test_images']} "
@@ -173,7 +196,7 @@ def _write(out: Path, report: dict) -> str:
         dense_ms = secs.get("dense")
         widths = "/".join(map(str, report["header"]["dense_widths"]))
         lines.append(f"| dense | - | 0 | {widths} | {d['params']} | {d['macs_per_prior_call'] / 1e9:.3f} | - | "
-                     f"{d['psnr']:.2f} | - | {d['ssim']:.4f} | - | {d['iterations']:.1f} | {d['converged']:.0%} | "
+                     f"{d['psnr']:.2f} | - | {d['ssim']:.4f} | - | {_iterations(d)} | {_converged(d)} | "
                      f"{_ms(dense_ms)} | 1.00x |")  # fmt: skip
     for r in sorted(report["rows"], key=lambda r: (r["strategy"], r["ratio"])):
         o, t = r["one_shot"], r["tuned"]
@@ -185,12 +208,20 @@ def _write(out: Path, report: dict) -> str:
             f"| {r['strategy']} | {r['epochs']}, {r['lr']:g} | {r['ratio']:.1f} | {'/'.join(map(str, widths))} | "
             f"{t['params']} | {t['macs_per_prior_call'] / 1e9:.3f} | {o['psnr']:.2f} | {t['psnr']:.2f} | "
             f"{dp['mean']:+.2f} [{dp['ci_low']:+.2f}, {dp['ci_high']:+.2f}] | {t['ssim']:.4f} | {ds['mean']:+.4f} | "
-            f"{t['iterations']:.1f} | {t['converged']:.0%} | {_ms(secs.get(key))} | {speed} |"
+            f"{_iterations(t)} | {_converged(t)} | {_ms(secs.get(key))} | {speed} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if timing:
         _plot(report, out.with_suffix(".png"))
     return "\n".join(lines)
+
+
+def _iterations(row: dict) -> str:
+    return f"{row['iterations']:.1f}" if row.get("iterations") is not None else "-"
+
+
+def _converged(row: dict) -> str:
+    return f"{row['converged']:.0%}" if row.get("converged") is not None else "-"
 
 
 def _ms(seconds: float | None) -> str:
@@ -216,7 +247,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.plot([secs["dense"] * 1e3], [d["psnr"]], "k*", markersize=12, label="dense")
     ax.axhline(d["psnr"] - 0.1, color="gray", lw=0.8, ls="--", label="dense − 0.1 dB")
     s = report["header"]["settings"]
-    ax.set_xlabel(f"time per image (ms), DEQ tol {s['solver']['f_tol']:g}, cap {s['solver']['f_max_iter']}")
+    ax.set_xlabel(f"time per image (ms), {_solver_text(report)}")
     ax.set_ylabel("PSNR (dB), test slices")
     ax.set_title(f"{s['model']}: pruning ratio sweep, {s['epochs']} fine-tuning epochs "
                  f"({report['timing']['device']})", fontsize=9)  # fmt: skip

@@ -5,7 +5,8 @@ reconstructed by
 - zero-filled: A^H y;
 - CG-SENSE: argmin_x ||A x - y||² by CG (classical reference, no learning);
 - DEQ: SPADE's deep equilibrium model with the shipped EDSR prior (Anderson, tol 1e-4, <= 100 iterations);
-- DU: the shipped VarNet (unrolled k-space cascades).
+- DU: the shipped E2E-VarNet (unrolled k-space cascades; coil maps from its own sensitivity network, not the
+  simulation's).
 Prints a table (PSNR, SSIM, NMSE, iterations, time per image), writes a PNG figure (ground truth,
 reconstructions, error maps) and a JSON of the numbers.
 """
@@ -54,7 +55,7 @@ def run_demo(
     try:
         deq, deq_meta = _load("deq_mri_4x", weights_dir, device)
         deq_pruned, _ = _load("deq_mri_4x_pruned50", weights_dir, device)
-        varnet, _ = _load("varnet_mri_4x", weights_dir, device)
+        varnet, _ = _load("e2e_varnet_mri_4x", weights_dir, device)
         deq.configure(f_tol=DEQ_TOL, f_max_iter=DEQ_MAX_ITER)
         deq_pruned.configure(f_tol=DEQ_TOL, f_max_iter=DEQ_MAX_ITER)  # the same tolerance as the dense DEQ
         cfg = TrainConfig.from_dict(deq_meta["config"])
@@ -89,7 +90,7 @@ def run_demo(
                 converged[name] = model.last_info["converged"].float().mean().item()
         if varnet is not None:
             x, t = _timed(lambda: varnet(kspace, physics), device)
-            recons["DU (VarNet)"] = (x, t, float(varnet.num_cascades))
+            recons["DU (E2E-VarNet, own coil maps)"] = (x, t, float(varnet.num_cascades))
 
     rows = []
     for name, (image, seconds, iterations) in recons.items():

@@ -3,7 +3,8 @@
 The shipped in-vivo slice (``mbdl_fast.data.load_real_brain``: 16 coils, 128 x 128, fully sampled) is
 undersampled retrospectively twice:
 
-- fastMRI's 4x random column mask (8% centre), with the shipped ``deq_mri_4x`` and ``deq_mri_4x_pruned50``;
+- fastMRI's 4x random column mask (8% centre), with the shipped ``deq_mri_4x``, ``deq_mri_4x_pruned50`` and
+  ``e2e_varnet_mri_4x``;
 - SPADE's 6x uniform mask with its ACS band, with the shipped ``deq_mri_6x_uniform`` (no pruned 6x model
   is shipped).
 
@@ -24,7 +25,9 @@ across it, and its maps then lose the object's edge). Rows:
   and the zero-filled and CG-SENSE images are nonzero;
 - DEQ adapted to this scan (4x, where ``deq_mri_4x_real_ss`` is shipped): ``deq_mri_4x`` after test-time
   adaptation (``adapt_real.py``): fine-tuned self-supervised on this very scan's undersampled measurements
-  (the 4x mask below, the same maps), never on its reference.
+  (the 4x mask below, the same maps), never on its reference;
+- E2E-VarNet (4x): its own coil maps, from its sensitivity network on the ACS lines (16 coils here, 8 in training),
+  its image kept on the same support as the DEQs'.
 
 Metrics are PSNR / SSIM of magnitudes against |x_ref| (data range: its maximum). The k-space is scaled as
 the loader documents (full scan's root-sum-of-squares maximum = 1), the scale the models were trained at.
@@ -43,12 +46,13 @@ from mbdl_fast.demo import DEQ_MAX_ITER, DEQ_TOL, _load, _timed, plot_reconstruc
 from mbdl_fast.metrics import nmse, psnr, ssim
 
 CG_ITERATIONS = 10
-#: Row labels of the shipped DEQ models.
-DEQ_LABELS = {
+#: Row labels of the shipped models.
+LABELS = {
     "deq_mri_4x": "DEQ",
     "deq_mri_4x_pruned50": "DEQ pruned 50%",
     "deq_mri_4x_real_ss": "DEQ adapted to this scan",
     "deq_mri_6x_uniform": "DEQ",
+    "e2e_varnet_mri_4x": "E2E-VarNet (own coil maps)",
 }
 #: The self-supervised losses of ``adapt_real`` (its ``strategy``), as the table's note names them.
 ADAPTED_LOSSES = {"split": "predicting held-out k-space columns, SSDU / ZS-SSL",
@@ -65,7 +69,7 @@ def _settings(width: int) -> list[tuple[str, str, torch.Tensor, tuple[str, ...]]
 
     return [
         ("random4x", "fastMRI random 4x (8% centre)", random_mask(width, 4, 0.08, seed=MASK_SEED),
-         ("deq_mri_4x", "deq_mri_4x_pruned50", "deq_mri_4x_real_ss")),
+         ("deq_mri_4x", "deq_mri_4x_pruned50", "deq_mri_4x_real_ss", "e2e_varnet_mri_4x")),
         ("uniform6x", "SPADE uniform 6x + ACS", uniform_acs_mask(width, 6), ("deq_mri_6x_uniform",)),
     ]  # fmt: skip
 
@@ -178,14 +182,18 @@ def run_real_demo(
                         raise
                     notes.append(f"{name} skipped: {err}")  # an install without the shipped weights
                     continue
+                if not hasattr(model, "configure"):  # deep unfolding: its K cascades, its own coil maps
+                    x, t = _timed(lambda model=model, y=y, physics=physics, s=support: model(y, physics) * s, device)
+                    found.append((LABELS[name], x, t, float(model.num_cascades), None))
+                    continue
                 model.configure(f_tol=DEQ_TOL, f_max_iter=DEQ_MAX_ITER)  # dense and pruned at one tolerance
                 x, t = _timed(lambda model=model, y=y, physics=physics, s=support: model(y, physics) * s, device)
                 if "adapted" in meta:  # a model fine-tuned on the very scan it is shown on: say so
-                    notes.append(f"{label}, {DEQ_LABELS[name]}: test-time adaptation, fine-tuned self-supervised "
+                    notes.append(f"{label}, {LABELS[name]}: test-time adaptation, fine-tuned self-supervised "
                                  f"({ADAPTED_LOSSES[meta['adapted']['strategy']]}) on this scan's own undersampled "
                                  "measurements, never on its reference")  # fmt: skip
                 info = model.last_info
-                found.append((f"{DEQ_LABELS[name]} (tol {DEQ_TOL:g})", x, t,
+                found.append((f"{LABELS[name]} (tol {DEQ_TOL:g})", x, t,
                               info["iterations_per_sample"].float().mean().item(),
                               info["converged"].float().mean().item()))  # fmt: skip
         lines.append(f"{label}: keeps {float(mask.mean()):.1%} of k-space; ACS ESPIRiT {espirit_seconds[key]:.2f} s")

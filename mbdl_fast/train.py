@@ -361,6 +361,17 @@ def reconstruct(model: torch.nn.Module, physics, model_input: torch.Tensor) -> t
     return model(model_input, physics)
 
 
+def compared_images(
+    model: torch.nn.Module, out: torch.Tensor, reference: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, reference)`` as a loss compares them: magnitudes ``(|out|, |reference|)`` for a model that estimates
+    its own coil maps (``estimates_coil_maps``: E2E-VarNet, whose image phase is its maps' convention, not the
+    reference's), else both unchanged."""
+    if getattr(_unwrap(model), "estimates_coil_maps", False):
+        return out.abs(), reference.abs()
+    return out, reference
+
+
 def _loss(cfg: TrainConfig, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     diff = torch.view_as_real(out - target) if out.is_complex() else out - target
     if cfg.loss == "l1":
@@ -485,7 +496,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 slow = torch.relu(info["slow_gain"] - cfg.slow_target).mean()
                 loss = _loss(cfg, out, target) + cfg.jac_reg * info["jac_loss"] + cfg.slow_reg * slow
             else:
-                loss = _loss(cfg, reconstruct(model, physics, model_input), target)
+                loss = _loss(cfg, *compared_images(model, reconstruct(model, physics, model_input), target))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -9,7 +9,8 @@ MRI=(--size 128 --coils 8 --batch-size 2)
 DEQ_TRAIN='{"f_max_iter": 20, "f_tol": 1e-3}'
 # Converging DEQs: fine-tuned at the evaluation tolerance with the Jacobian regulariser (Bai et al. 2021)
 DEQ_CONVERGE='{"f_max_iter": 40, "f_tol": 1e-4}'
-STEPS="${STEPS:-1 2 3 4 5 7 9 6 10}"
+E2E='{"num_cascades": 4, "chans": 16, "pools": 2, "sens_net": true, "sens_chans": 8, "sens_pools": 2}'
+STEPS="${STEPS:-1 2 3 4 5 7 9 6 10 11 12}"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -79,5 +80,24 @@ if want 10; then
   log "10 deq_mri_4x adapted at test time to the real scan's 4x measurements (self-supervised, no reference)"
   mbdl-fast adapt-real --checkpoint mbdl_fast/weights/deq_mri_4x --setting random4x \
     --out mbdl_fast/weights/deq_mri_4x_real_ss --quiet
+fi
+if want 11; then
+  log "11 E2E-VarNet: sensitivity network (NormUNet 8 channels, 2 poolings) on the ACS lines + 4 cascades (NormUNet"
+  log "   16 channels, 2 poolings), 8 coils, 4x random mask; L1 loss on magnitudes (its maps set the phase)"
+  mbdl-fast train --task mri --model varnet --model-args "$E2E" "${MRI[@]}" --acceleration 4 --mask-type random \
+    --epochs 60 --lr 1e-3 --out "$OUT/e2e_varnet_mri_4x" --quiet
+  cp "$OUT/e2e_varnet_mri_4x/model_best.safetensors" mbdl_fast/weights/e2e_varnet_mri_4x.safetensors
+  cp "$OUT/e2e_varnet_mri_4x/model_best.json" mbdl_fast/weights/e2e_varnet_mri_4x.json
+fi
+if want 12; then
+  log "12 SPADE's DU experiment: step 11 pruned 50% (cascades and sensitivity network, widths multiples of 16), each"
+  log "   fine-tuning strategy, measured by the evaluation protocol, then re-timed alone; ships the supervised one"
+  PRUNE_E2E=(--model e2e_varnet_mri_4x --ratios 0.5 --round-to 16 --epochs 5 --lr 1e-3
+             --strategy-budget '{"self_supervised": {"epochs": 4}}' --models "$OUT/prune_e2e_varnet"
+             --out bench/results/prune_e2e_varnet_cpu)
+  python bench/prune_sweep.py "${PRUNE_E2E[@]}" --phase train
+  python bench/prune_sweep.py "${PRUNE_E2E[@]}" --phase time --repeats 7
+  cp "$OUT/prune_e2e_varnet/r0.50_supervised.safetensors" mbdl_fast/weights/e2e_varnet_mri_4x_pruned50.safetensors
+  cp "$OUT/prune_e2e_varnet/r0.50_supervised.json" mbdl_fast/weights/e2e_varnet_mri_4x_pruned50.json
 fi
 log "done"

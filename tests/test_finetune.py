@@ -27,7 +27,7 @@ from mbdl_fast.finetune import (
 from mbdl_fast.physics import MRI, MultiCoilMRI, SuperResolution
 from mbdl_fast.physics.masks import equispaced_mask
 from mbdl_fast.priors import EDSR
-from mbdl_fast.solvers import DEQ, DeepUnfolding
+from mbdl_fast.solvers import DEQ, DeepUnfolding, VarNet
 from mbdl_fast.train import TrainConfig, make_dataset
 
 SIZE, COILS = 16, 4
@@ -69,6 +69,8 @@ class Adjoint(nn.Module):
 
 def tiny(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
+    if kind == "e2e":  # E2E-VarNet: coil maps from its own sensitivity network
+        return VarNet(num_cascades=1, chans=4, pools=1, sens_net=True, sens_chans=4, sens_pools=1)
     prior = EDSR(width=8, num_blocks=1)
     if kind == "du":
         return DeepUnfolding(prior, num_iters=2)
@@ -138,6 +140,32 @@ def test_self_supervised_terms_vanish_where_they_should():
         assert parts["loss"] < 1e-10
 
 
+def test_self_supervised_measures_e2e_varnet_through_its_own_coil_maps():
+    from mbdl_fast.fft import fft2c
+    from mbdl_fast.finetune.strategies import relative_squared_error
+
+    gen = torch.Generator().manual_seed(0)
+    model = tiny("e2e").eval()
+    x = torch.randn(2, SIZE, SIZE, dtype=torch.complex64, generator=gen)
+    maps = birdcage_coil_maps(COILS, (SIZE, SIZE), seed=1)[None].expand(2, -1, -1, -1)
+    mask = equispaced_mask(SIZE, 2, 0.25, seed=0)
+    physics = MultiCoilMRI(mask, maps)
+    y = physics.A(x)
+    own = model.image_physics(y, physics)
+    with torch.no_grad():
+        estimated = model.sens_net(y, physics.mask)
+        x1 = model(y, physics)
+        parts = SelfSupervised(rotations=(2,))(model, physics, y, None, None, generator=gen)
+    assert torch.allclose(own.coil_maps, estimated) and not torch.allclose(estimated, maps, atol=0.1)
+    # L_MC = ||M F_c(S(y) x1) - y||² / ||y||² with the network's maps S(y), not the simulation's
+    expected = relative_squared_error(physics.mask * fft2c(estimated * x1[:, None]), y)
+    assert torch.allclose(parts["mc"], expected, rtol=1e-4)
+    # a real scan has no known maps: the physics is the mask alone, and the loss still trains the sensitivity network
+    parts = SelfSupervised()(model, MRI(mask), y, None, None, generator=gen)
+    parts["loss"].backward()
+    assert torch.isfinite(parts["loss"]) and all(p.grad.abs().sum() > 0 for p in model.sens_net.parameters())
+
+
 def test_self_supervised_refuses_quarter_turns_of_non_square_images():
     x = torch.randn(1, 1, 16, 24)
     sr = SuperResolution("box", 2)
@@ -149,7 +177,7 @@ def test_self_supervised_refuses_quarter_turns_of_non_square_images():
 # ------------------------------------------------------------------------------------------------
 # The strategies train
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["du", "deq"])
+@pytest.mark.parametrize("kind", ["du", "deq", "e2e"])
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_each_strategy_lowers_its_loss(data, name, kind):
     model = tiny(kind)

@@ -101,3 +101,27 @@ def test_sls_search_that_falls_short_says_so(checkpoint):
     assert "NOT reached" in format_table(result)
     with pytest.raises(ValueError, match="nm_budget: SLS's N:M search runs during fine-tuning"):
         prune_and_report(checkpoint, 0.5, finetune=None, nm_budget=0.5, num_test=2, progress=False)
+
+
+def test_prune_sweep_reports_a_deep_unfolding_model_at_its_k(tmp_path):
+    """bench/prune_sweep.py on a tiny E2E-VarNet checkpoint: K cascades for every row, no DEQ columns."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    e2e = {"num_cascades": 2, "chans": 16, "pools": 1, "sens_net": True, "sens_chans": 8, "sens_pools": 1}
+    cfg = {**TINY, "model": "varnet", "model_args": e2e, "prior_args": {}, "out": str(tmp_path / "e2e")}
+    train(TrainConfig.from_dict(cfg), progress=False)
+    script = Path(__file__).resolve().parents[1] / "bench" / "prune_sweep.py"
+    out = tmp_path / "report"
+    subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "e2e" / "model_best"), "--ratios", "0.5",
+                    "--round-to", "8", "--strategies", "supervised", "--epochs", "1", "--repeats", "1",
+                    "--models", str(tmp_path / "models"), "--out", str(out)], check=True, capture_output=True)  # fmt: skip
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["header"]["unrolled"] == 2 and report["header"]["test_images"] == 2
+    (row,) = report["rows"]
+    assert row["tuned"]["iterations"] is None and row["tuned"]["params"] < report["dense"]["params"]
+    assert row["tuned"]["dpsnr"]["n"] == 2 and row["tuned"]["psnr"] == row["tuned"]["psnr"]
+    table = out.with_suffix(".md").read_text()
+    assert "K = 2 unrolled iterations" in table and "DEQ tol" not in table
+    assert set(report["timing"]["seconds_per_image"]) == {"dense", "r0.50_supervised"}

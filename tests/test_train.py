@@ -29,6 +29,9 @@ TINY_DEQ = {
 }
 
 
+TINY_E2E = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_net": True, "sens_chans": 4, "sens_pools": 1}
+
+
 def run(cfg: dict, out, stop_after=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny DEQs stop at their iteration cap by design here
@@ -72,6 +75,26 @@ def test_every_task_and_model_trains(tmp_path, task, model, extra):
     cfg = {**TINY_DEQ, "task": task, "model": model, "model_args": {}, **extra}
     history = run(cfg, tmp_path)["history"]
     assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+
+
+def test_e2e_varnet_trains_from_the_config_and_compares_magnitudes(tmp_path):
+    from mbdl_fast.train import compared_images, make_model
+
+    cfg = {**TINY_DEQ, "model": "varnet", "model_args": TINY_E2E}
+    result = run(cfg, tmp_path)
+    assert torch.isfinite(torch.tensor(result["history"][0]["train_loss"]))
+    model = load_model(tmp_path / "model_best")
+    assert model.estimates_coil_maps and model.sens_net.widths[0] == 4 and model.num_cascades == 2
+    # its image phase is its maps' convention: the loss sees magnitudes, so a phase on the target changes nothing
+    gen = torch.Generator().manual_seed(0)
+    out, target = (torch.randn(2, 8, 8, dtype=torch.complex64, generator=gen) for _ in range(2))
+    phase = torch.polar(torch.ones(8, 8), torch.rand(8, 8, generator=gen) * 6)
+    a, b = compared_images(model, out, target * phase)
+    assert torch.allclose(b, target.abs(), atol=1e-6) and torch.equal(a, out.abs())
+    # with the physics' coil maps the phase is the target's: compared as they are
+    physics_maps = make_model(TrainConfig.from_dict({**cfg, "model_args": {"num_cascades": 1, "chans": 4}}))
+    kept = compared_images(physics_maps, out, target)
+    assert kept[0] is out and kept[1] is target
 
 
 def test_bad_config_is_refused():
@@ -133,9 +156,9 @@ def test_demo_runs_end_to_end_with_tiny_models(tmp_path, capsys):
 
     weights = tmp_path / "weights"
     run(TINY_DEQ, tmp_path / "deq")
-    run({**TINY_DEQ, "model": "varnet", "model_args": {"num_cascades": 2, "chans": 4, "pools": 2}}, tmp_path / "vn")
+    run({**TINY_DEQ, "model": "varnet", "model_args": TINY_E2E}, tmp_path / "vn")
     weights.mkdir()
-    for run_dir, name in (("deq", "deq_mri_4x"), ("vn", "varnet_mri_4x")):
+    for run_dir, name in (("deq", "deq_mri_4x"), ("vn", "e2e_varnet_mri_4x")):
         for suffix in (".safetensors", ".json"):
             (weights / f"{name}{suffix}").write_bytes((tmp_path / run_dir / f"model_best{suffix}").read_bytes())
     dense = tmp_path / "deq" / "model_best"
@@ -150,7 +173,7 @@ def test_demo_runs_end_to_end_with_tiny_models(tmp_path, capsys):
         "CG-SENSE",
         "DEQ (tol 0.0001, cap 100)",
         "DEQ pruned 50% (tol 0.0001, cap 100)",
-        "DU (VarNet)",
+        "DU (E2E-VarNet, own coil maps)",
     ]
     deq_rows = [r for r in result["rows"] if r["method"].startswith("DEQ")]
     assert all(0 <= r["converged"] <= 1 and r["iterations"] >= 1 for r in deq_rows)

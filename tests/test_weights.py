@@ -25,7 +25,17 @@ def test_shipped_model_loads(name):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("name", ["deq_mri_4x", "deq_mri_6x_uniform", "varnet_mri_4x", "deq_mri_4x_pruned50"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deq_mri_4x",
+        "deq_mri_6x_uniform",
+        "varnet_mri_4x",
+        "deq_mri_4x_pruned50",
+        "e2e_varnet_mri_4x",
+        "e2e_varnet_mri_4x_pruned50",
+    ],
+)
 def test_shipped_mri_models_beat_zero_filled_by_several_db(name):
     physics, y, target = first_test_batch(name)
     model = load_pretrained(name)
@@ -54,3 +64,29 @@ def test_shipped_pruned_model_is_deq_mri_4x_with_half_the_channels():
     assert count(pruned) < count(dense) / 3.5
     pruning = read_metadata(weights_path("deq_mri_4x_pruned50"))["pruning"]
     assert pruning["ratio"] == 0.5 and pruning["finetune"] == "supervised"
+
+
+def test_shipped_e2e_varnet_estimates_its_own_coil_maps_and_is_small():
+    from mbdl_fast.physics import MRI
+
+    model = load_pretrained("e2e_varnet_mri_4x")
+    assert model.estimates_coil_maps and model.num_cascades == 4
+    assert weights_path("e2e_varnet_mri_4x").with_suffix(".safetensors").stat().st_size < 2_000_000
+    physics, y, _ = first_test_batch("e2e_varnet_mri_4x", count=1)
+    with torch.no_grad():
+        # the simulation's coil maps are not used: the mask alone gives the same image
+        assert torch.equal(model(y, physics), model(y, MRI(physics.mask)))
+
+
+def test_shipped_pruned_e2e_varnet_halves_the_wide_layers_of_cascades_and_sensitivity_network():
+    from mbdl_fast.prune.channels import find_priors
+
+    dense, pruned = load_pretrained("e2e_varnet_mri_4x"), load_pretrained("e2e_varnet_mri_4x_pruned50")
+    assert pruned.estimates_coil_maps and pruned.num_cascades == dense.num_cascades
+    for (name, small), (_, big) in zip(find_priors(pruned), find_priors(dense), strict=True):
+        # oneDNN's 16-channel blocks: layers wider than 16 halved, the others kept (sens_net included)
+        assert list(small.widths) == [w // 2 if w > 16 else w for w in big.widths], name
+    assert read_metadata(weights_path("e2e_varnet_mri_4x_pruned50"))["pruning"] == {
+        "ratio": 0.5,
+        "strategy": "supervised",
+    }

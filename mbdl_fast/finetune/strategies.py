@@ -39,7 +39,7 @@ from mbdl_fast.finetune.transforms import check_rotations, rotate, rotate_physic
 from mbdl_fast.metrics import ssim
 from mbdl_fast.physics import MultiCoilMRI
 from mbdl_fast.solvers.deq import DEQ
-from mbdl_fast.train import reconstruct
+from mbdl_fast.train import compared_images, reconstruct
 
 __all__ = [
     "IMAGE_LOSSES",
@@ -129,7 +129,7 @@ class Supervised:
     def __call__(self, model, physics, y, target, teacher=None, generator=None) -> dict[str, torch.Tensor]:
         if target is None:
             raise ValueError("supervised: needs the ground truth image ('target') of every item")
-        return {"loss": image_loss(reconstruct(model, physics, y), target, self.loss)}
+        return {"loss": image_loss(*compared_images(model, reconstruct(model, physics, y), target), self.loss)}
 
 
 class School:
@@ -151,7 +151,7 @@ class School:
             raise ValueError("school: needs a teacher (the frozen dense model)")
         with torch.no_grad():
             reference = reconstruct(teacher, physics, y)
-        return {"loss": image_loss(reconstruct(model, physics, y), reference, self.loss)}
+        return {"loss": image_loss(*compared_images(model, reconstruct(model, physics, y), reference), self.loss)}
 
 
 class WarmStarts:
@@ -202,6 +202,11 @@ class SelfSupervised:
     samples other frequencies of the object. Gradients flow through x1 in both terms and through x2,
     as deepinv's ``EILoss``.
 
+    A model that estimates its own coil maps (E2E-VarNet: ``model.image_physics(y, physics)`` and
+    ``estimates_coil_maps``) is measured through those maps, A = M F_c(S(y) ·), rotated with x2 as the
+    data set's would be, and L_EQ compares magnitudes (the phase of its image is its maps' convention):
+    what works on a real scan, whose maps nobody knows.
+
     Against REI as published: its measurement term is the SURE estimate of the MSE for noisy y; here it
     is plain measurement consistency (exact for noise-free or low-noise data); the ``noise_std`` of the
     second measurement is REI's robustness noise (0 turns it off). Rotations by 90/270 degrees need
@@ -250,14 +255,17 @@ class SelfSupervised:
             raise ValueError("self_supervised: needs a measurement operator (a task with physics, not denoise)")
         x1 = self.reconstruct(model, physics, y, 0)
         check_rotations(self.rotations, x1.shape[-2], x1.shape[-1])
-        mc = relative_squared_error(physics.A(x1), y)
+        # A model with its own coil maps (E2E-VarNet) is measured through them: they, not the data set's, fit x1.
+        image_physics = getattr(model, "image_physics", None)
+        measured = image_physics(y, physics) if image_physics is not None else physics
+        mc = relative_squared_error(measured.A(x1), y)
         k = self.rotations[int(torch.randint(len(self.rotations), (), generator=generator))]
-        rotated = self.rotate_physics(physics, k)
+        rotated = self.rotate_physics(measured, k)
         x2 = rotate(x1, k)
         y2 = rotated.A(x2)
         if self.noise_std > 0:
             y2 = y2 + self._noise(rotated, y2, generator)
-        eq = relative_squared_error(self.reconstruct(model, rotated, y2, k), x2)
+        eq = relative_squared_error(*compared_images(model, self.reconstruct(model, rotated, y2, k), x2))
         return {"loss": mc + self.rei_weight * eq, "mc": mc, "eq": eq}
 
     def _noise(self, physics: nn.Module, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -276,6 +276,27 @@ class VarNet(nn.Module):
         """The T cascade priors D_t (``cascades[t].model``)."""
         return [c.model for c in self.cascades]
 
+    @property
+    def estimates_coil_maps(self) -> bool:
+        """Whether the coil maps come from the sensitivity network. Then the phase of the output image is the
+        convention of those maps, which no reference image shares: compare magnitudes (``train.compared_images``)."""
+        return self.sens_net is not None
+
+    def image_physics(self, y: torch.Tensor, physics: nn.Module, num_low_frequencies: int | None = None) -> nn.Module:
+        """The operator that measures this model's output image: ``physics`` with the model's own coil maps.
+
+        Without ``sens_net`` that is ``physics`` itself. With it, a ``MultiCoilMRI`` with the mask and layout of
+        ``physics`` and the sensitivity network's estimate S(y) (B, C, H, W) as coil maps (differentiable), so
+        that ``A x`` = M F_c(S x) of the output x can be compared with ``y`` when the true maps are unknown
+        (self-supervised fine-tuning; ``physics`` may then be a single-coil ``MRI(mask)``).
+        """
+        from mbdl_fast.physics.mri import MultiCoilMRI
+
+        if self.sens_net is None:
+            return physics
+        maps = self.coil_maps(self.measured_kspace(y, physics), physics, num_low_frequencies)
+        return MultiCoilMRI(physics.mask, maps, layout=physics.layout)
+
     sens_expand = staticmethod(sens_expand)
     sens_reduce = staticmethod(sens_reduce)
 

@@ -21,6 +21,12 @@ SHIPPED = {
     "deq_mri_4x_real_ss": "deq_mri_4x adapted at test time to the shipped real scan at the demo's 4x random mask: "
     "self-supervised on that scan's undersampled measurements only, never its reference (mbdl-fast adapt-real; "
     "step 10 of scripts/train_shipped.sh); for that scan, not a general model",
+    "e2e_varnet_mri_4x": "E2E-VarNet: sensitivity network (NormUNet 8 channels, 2 poolings) on the ACS lines and 4 "
+    "cascades of NormUNet (16 channels, 2 poolings), 8-coil brain MRI, 4x random mask (step 11 of "
+    "scripts/train_shipped.sh)",
+    "e2e_varnet_mri_4x_pruned50": "e2e_varnet_mri_4x with its cascades and sensitivity network pruned 50% (L1, widths "
+    "multiples of 16: 32 -> 16, 64 -> 32), supervised fine-tuning 5 epochs (step 12 of scripts/train_shipped.sh; "
+    "bench/results/prune_e2e_varnet_cpu.md)",
 }
 
 
