@@ -328,7 +328,7 @@ def format_table(result: dict[str, Any]) -> str:
             + (f", DEQ tol {solver['f_tol']:g}, cap {solver['f_max_iter']} for every row" if solver else ""))  # fmt: skip
     lines = [
         head,
-        f"{'model':<34}{'params':>9}{'GMACs':>7}{'PSNR':>7}{'dPSNR [95% CI]':>22}{'SSIM':>8}{'iters':>7}"
+        f"{'model':<34}{'params':>9}{'GMACs':>7}{'PSNR':>7}{'dPSNR [95% CI]':>24}{'SSIM':>8}{'iters':>7}"
         f"{'conv':>6}{'ms/img':>9}{'speed':>7}",
     ]
     for r in result["rows"]:
@@ -338,7 +338,7 @@ def format_table(result: dict[str, Any]) -> str:
         d = r.get("dpsnr")
         diff = f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "-"
         lines.append(
-            f"{r['model']:<34}{r['params']:>9}{r['macs_per_prior_call'] / 1e9:>7.3f}{r['psnr']:>7.2f}{diff:>22}"
+            f"{r['model']:<34}{r['params']:>9}{r['macs_per_prior_call'] / 1e9:>7.3f}{r['psnr']:>7.2f}{diff:>24}"
             f"{r['ssim']:>8.4f}{iters:>7}{conv:>6}{r['seconds_per_image'] * 1e3:>9.1f}{speed:>7}"
         )
         if "nm_effective_macs" in r:
