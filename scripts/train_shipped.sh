@@ -69,11 +69,13 @@ for run in deq_mri_4x deq_mri_6x_uniform varnet_mri_4x deq_sr_2x; do
 done
 if want 6; then
   # After the copy above: prunes the deq_mri_4x that ships (the converged one of step 7)
-  log "6 deq_mri_4x pruned 50% (L1, 32 -> 16 channels), supervised fine-tuning 12 epochs at its training tolerance, Jacobian-regularised"
+  log "6 deq_mri_4x pruned 50% (L1, 32 -> 16 channels), supervised fine-tuning 12 + 12 epochs at its training tolerance, Jacobian-regularised"
   mbdl-fast prune --checkpoint mbdl_fast/weights/deq_mri_4x --ratio 0.5 --importance l1 --finetune supervised \
     --epochs 12 --lr 1e-3 --jac-reg 0.05 --num-test 2 --out "$OUT/deq_mri_4x_pruned50"
-  cp "$OUT/deq_mri_4x_pruned50/model_pruned.safetensors" mbdl_fast/weights/deq_mri_4x_pruned50.safetensors
-  cp "$OUT/deq_mri_4x_pruned50/model_pruned.json" mbdl_fast/weights/deq_mri_4x_pruned50.json
+  # a second cosine cycle, 12 epochs at lr 5e-4 (val PSNR 30.19 -> 31.34 dB; dense 32.20)
+  python scripts/finetune_pruned.py "$OUT/deq_mri_4x_pruned50/model_pruned" "$OUT/deq_mri_4x_pruned50/model_continued" 12 5e-4
+  cp "$OUT/deq_mri_4x_pruned50/model_continued.safetensors" mbdl_fast/weights/deq_mri_4x_pruned50.safetensors
+  cp "$OUT/deq_mri_4x_pruned50/model_continued.json" mbdl_fast/weights/deq_mri_4x_pruned50.json
 fi
 if want 10; then
   # After the copy above: adapts the deq_mri_4x that ships (rerun it alone after new weights: STEPS=10).

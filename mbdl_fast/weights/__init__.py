@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 SHIPPED = {
-    "deq_mri_4x": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, 4x random mask",
+    "deq_mri_4x": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, 4x random mask; Jacobian-regularised "
+    "at tol 1e-4 so that it converges (step 7 of scripts/train_shipped.sh)",
     "deq_mri_6x_uniform": "DEQ, EDSR prior (32 channels, 13 blocks), 8-coil brain MRI, SPADE's 6x uniform mask",
     "varnet_mri_4x": "VarNet, 8 cascades of NormUNet (8 channels, 3 poolings), 8-coil brain MRI, 4x random mask",
     "deq_mri_4x_pruned50": "deq_mri_4x with its EDSR prior pruned 50% (L1, 32 -> 16 channels), supervised "
-    "fine-tuning 25 epochs at the training tolerance (mbdl-fast prune; step 6 of scripts/train_shipped.sh)",
+    "Jacobian-regularised fine-tuning 12 + 12 epochs at the training tolerance (step 6 of scripts/train_shipped.sh)",
     "deq_sr_2x": "DEQ, EDSR prior (32 channels, 8 blocks, 1 channel in/out), 2x bicubic super-resolution",
     "deq_mri_4x_real_ss": "deq_mri_4x adapted at test time to the shipped real scan at the demo's 4x random mask: "
     "self-supervised on that scan's undersampled measurements only, never its reference (mbdl-fast adapt-real; "
