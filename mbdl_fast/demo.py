@@ -101,11 +101,11 @@ def run_demo(
     b, c, h, w = kspace.shape
     header = (f"{n} shipped test brain slices {h}x{w}, {c} coils, {cfg.mask_type} mask {cfg.acceleration:g}x "
               f"(keeps {float(physics.mask.mean()):.1%}), device {device}")  # fmt: skip
-    lines = [header, f"{'method':<34}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'converged':>11}{'s/image':>10}"]
+    lines = [header, f"{'method':<38}{'PSNR':>8}{'SSIM':>8}{'NMSE':>10}{'iters':>8}{'converged':>11}{'s/image':>10}"]
     for r in rows:
         iters = f"{r['iterations']:.1f}" if r["iterations"] is not None else "-"
         conv = f"{round(r['converged'] * n)}/{n}" if r["converged"] is not None else "-"
-        lines.append(f"{r['method']:<34}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}{conv:>11}"
+        lines.append(f"{r['method']:<38}{r['psnr']:>8.2f}{r['ssim']:>8.4f}{r['nmse']:>10.5f}{iters:>8}{conv:>11}"
                      f"{r['seconds_per_image']:>10.3f}")  # fmt: skip
     for r in rows:
         if r["converged"] is not None and r["converged"] < 1:
