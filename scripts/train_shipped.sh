@@ -80,7 +80,7 @@ fi
 if want 10; then
   # After the copy above: adapts the deq_mri_4x that ships (rerun it alone after new weights: STEPS=10).
   log "10 deq_mri_4x adapted at test time to the real scan's 4x measurements (self-supervised, no reference)"
-  mbdl-fast adapt-real --checkpoint mbdl_fast/weights/deq_mri_4x --setting random4x \
+  mbdl-fast adapt-real --checkpoint mbdl_fast/weights/deq_mri_4x --setting random4x --steps 100 \
     --out mbdl_fast/weights/deq_mri_4x_real_ss --quiet
 fi
 if want 11; then
