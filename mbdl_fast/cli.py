@@ -200,6 +200,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mbdl_fast.physics.superres import KERNELS as SR_KERNELS
     from mbdl_fast.train import TrainConfig
 
     parser = _Parser(prog="mbdl-fast", description=__doc__.split("\n\n")[0])
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"(default: {getattr(defaults, name)})")  # fmt: skip
     train.add_argument("--mask-type", dest="mask_type", choices=["random", "equispaced", "uniform", "variable_density"],
                        help=f"(default: {defaults.mask_type})")  # fmt: skip
-    train.add_argument("--sr-kernel", dest="sr_kernel", choices=["gaussian", "bicubic", "bilinear", "box", "block_gaussian", "block_bicubic"],
+    train.add_argument("--sr-kernel", dest="sr_kernel", choices=SR_KERNELS,
                        help=f"(default: {defaults.sr_kernel})")  # fmt: skip
     train.add_argument("--loss", choices=["l1", "mse", "smooth_l1"], help=f"(default: {defaults.loss})")
     train.add_argument("--out", help=f"output directory for checkpoints and config.json (default: {defaults.out})")

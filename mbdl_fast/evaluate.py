@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mbdl_fast._validate import check_int, check_number
 from mbdl_fast.checkpoint import load_model, read_metadata
 from mbdl_fast.metrics import nmse, psnr, ssim
 from mbdl_fast.timing import synchronize
@@ -86,10 +87,9 @@ def prepare_batches(
     """
     from mbdl_fast.train import make_dataset, prepare_batch
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1):
-        raise ValueError(f"num_images: expected an int >= 1 or None, got {num_images!r}")
+    check_int("batch_size", batch_size, 1)
+    if num_images is not None:
+        check_int("num_images", num_images, 1)
     device = torch.device(device)
     dataset = make_dataset(cfg, split)
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
@@ -144,10 +144,8 @@ def evaluate_rows(
 def t_quantile(p: float, dof: int) -> float:
     """The p-quantile of Student's t with ``dof`` degrees of freedom (Cornish-Fisher expansion about the normal
     quantile; error below 1e-3 for dof >= 5, exact as dof -> infinity)."""
-    if not 0 < p < 1:
-        raise ValueError(f"p: expected a probability in (0, 1), got {p!r}")
-    if isinstance(dof, bool) or not isinstance(dof, int) or dof < 1:
-        raise ValueError(f"dof: expected an int >= 1, got {dof!r}")
+    check_number("p", p, 0.0, 1.0, open_min=True, open_max=True, meaning="a probability")
+    check_int("dof", dof, 1)
     z = statistics.NormalDist().inv_cdf(p)
     g1 = (z**3 + z) / 4
     g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
@@ -200,8 +198,7 @@ def time_round_robin(
     Every repeat runs each model once over all batches, in turn, so that load from elsewhere on the
     machine falls on every model alike; ratios between models from one call are what a report quotes.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
+    check_int("repeats", repeats, 1)
     images = sum(t.shape[0] for _, _, t in batches)
     if images == 0:
         raise ValueError("batches: expected at least one test image, got none")

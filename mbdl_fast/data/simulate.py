@@ -263,8 +263,7 @@ class MultiCoilBrainDataset(Dataset):
         phase: bool = True,
         draws: int = 1,
     ) -> None:
-        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-            raise ValueError(f"draws: expected an int >= 1, got {draws!r}")
+        check_int("draws", draws, 1)
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type: expected one of {MASK_TYPES}, got {mask_type!r}")
         check_int("num_coils", num_coils, 1, MAX_COILS)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mbdl_fast._validate import check_number
 from mbdl_fast.finetune.strategies import Strategy, make_strategy
 from mbdl_fast.metrics import psnr, ssim
 from mbdl_fast.solvers.deq import DEQ
@@ -347,8 +348,7 @@ def finetune(
         raise ValueError(f"model: {type(model).__name__} has no trainable parameters")
     solver = configure_solver(model, teacher, solver_options, allow_different_tolerance)
     deq = _deqs(model)[0] if solver is not None else None
-    if not (isinstance(jac_reg, (int, float)) and math.isfinite(jac_reg) and jac_reg >= 0):
-        raise ValueError(f"jac_reg: expected a finite number >= 0, got {jac_reg!r}")
+    check_number("jac_reg", jac_reg, 0.0)
     if jac_reg > 0 and deq is None:
         raise ValueError(f"jac_reg: the Jacobian regulariser needs a DEQ model, got {type(model).__name__}")
     if val_objective is not None and not callable(val_objective):

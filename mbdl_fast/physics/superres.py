@@ -64,7 +64,7 @@ from mbdl_fast.physics.base import LinearPhysics, _gamma_view
 
 __all__ = ["SuperResolution"]
 
-_KERNELS = ("gaussian", "bicubic", "bilinear", "block_gaussian", "block_bicubic", "box")
+KERNELS = ("gaussian", "bicubic", "bilinear", "block_gaussian", "block_bicubic", "box")
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _REAL_OF = {
     torch.float32: torch.float32,
@@ -332,7 +332,7 @@ def _make_kernel(kernel: str | torch.Tensor, s: int) -> tuple[torch.Tensor, tupl
         elif kernel == "box":
             taps, c = _aligned_taps(torch.ones_like, (s - 1) / 2, s, open_support=False)
         else:
-            raise ValueError(f"kernel: expected one of {_KERNELS} or a real 2-D tensor, got {kernel!r}")
+            raise ValueError(f"kernel: expected one of {KERNELS} or a real 2-D tensor, got {kernel!r}")
         return torch.outer(taps, taps), (c, c)
     check_real("kernel", kernel, "(kh, kw)", 2)
     check_finite("kernel", kernel)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,6 @@ def _nm_step(model, nm: str | None, nm_budget: float | None, prior_shape):
 
 def _finish_search(searches: list, budget: float) -> dict[str, Any]:
     """Fix the searched N per layer (``finalize``) and say whether the MAC budget was reached."""
-    import warnings
-
     ratios, chosen = [], {}
     for k, search in enumerate(searches):
         ratios.append((search.mac_ratio(), float(sum(search.dense_macs.values()))))

@@ -253,6 +253,7 @@ class DEQ(nn.Module):
         return_info: bool = False,
         jac_loss: bool = False,
         z0: torch.Tensor | None = None,
+        slow_gain: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, dict]:
         """Reconstruct from measurements ``y`` of ``physics``: x = T(z*), differentiable as ``backward`` says.
 
@@ -265,9 +266,9 @@ class DEQ(nn.Module):
             jac_loss: also put in ``info["jac_loss"]`` a differentiable Hutchinson estimate of
                 ||dT/dz (z*)||_F^2 / n (Bai et al. 2021, torchdeq's ``jac_reg``): E_v ||v^H dT/dz||^2 / n with
                 v ~ N(0, I), one probe; adding ``weight * jac_loss`` to a training loss keeps T contractive
-                around its fixed points, so the solver converges in fewer iterations. Also ``info["slow_gain"]``:
-                (B,) gains of T along the solver's last residual direction (``_slow_gain``), for a hinge such as
-                ``relu(slow_gain - 0.9)`` on the slowest mode.
+                around its fixed points, so the solver converges in fewer iterations.
+            slow_gain: also put in ``info["slow_gain"]`` the (B,) gains of T along the solver's last residual
+                direction (``_slow_gain``), for a hinge such as ``relu(slow_gain - 0.9)`` on the slowest mode.
 
         Returns:
             x shaped like A^H y, or ``(x, info)``.
@@ -292,26 +293,35 @@ class DEQ(nn.Module):
         z_star, info = run_unchecked(self.fixed_point, y, physics, x0=x0, AHy=AHy.detach())
         self.last_info = info
         self._last_solve = (z_star, physics, AHy.detach()) if torch.is_grad_enabled() else None
-        if jac_loss and not torch.is_grad_enabled():
-            raise RuntimeError("jac_loss: the Jacobian estimate needs autograd; call with gradients enabled")
+        wanted = {"jac_loss": jac_loss, "slow_gain": slow_gain}
+        if any(wanted.values()) and not torch.is_grad_enabled():
+            name = next(k for k, v in wanted.items() if v)
+            raise RuntimeError(f"{name}: the Jacobian estimate needs autograd; call with gradients enabled")
         if self.solver_options["backward"] == "implicit" and torch.is_grad_enabled():
-            out = run_unchecked(self._implicit_output, z_star, physics, AHy, info if jac_loss else None)
-        elif jac_loss:
+            out = run_unchecked(self._implicit_output, z_star, physics, AHy, info, wanted)
+        elif any(wanted.values()):
             z = z_star.detach().requires_grad_()
             out = run_unchecked(self._operator, z, physics, AHy, self.alpha, self.gamma)
-            info["jac_loss"] = jacobian_frobenius_estimate(out, z)
-            info["slow_gain"] = run_unchecked(self._slow_gain, z_star, out, physics, AHy)
+            run_unchecked(self._regularisers, z, out, physics, AHy, info, wanted)
         else:
             out = run_unchecked(self._operator, z_star, physics, AHy, self.alpha, self.gamma)
         return (out, info) if return_info else out
 
+    def _regularisers(
+        self, z: torch.Tensor, fz: torch.Tensor, physics: nn.Module, AHy: torch.Tensor, info: dict, wanted: dict
+    ) -> None:
+        """Put the asked-for training regularisers at the fixed point z (a leaf) with fz = T(z) into ``info``."""
+        if wanted["jac_loss"]:
+            info["jac_loss"] = jacobian_frobenius_estimate(fz, z)
+        if wanted["slow_gain"]:
+            info["slow_gain"] = self._slow_gain(z.detach(), fz, physics, AHy)
+
     def _implicit_output(
-        self, z_star: torch.Tensor, physics: nn.Module, AHy: torch.Tensor, jac_info: dict | None = None
+        self, z_star: torch.Tensor, physics: nn.Module, AHy: torch.Tensor, info: dict, wanted: dict
     ) -> torch.Tensor:
         z = z_star.detach().requires_grad_()
         fz = self._operator(z, physics, AHy, self.alpha, self.gamma)
-        if jac_info is not None:
-            jac_info["jac_loss"] = jacobian_frobenius_estimate(fz, z)
+        self._regularisers(z, fz, physics, AHy, info, wanted)
         # The hook goes on an alias of fz, not on fz itself: a hook on fz whose closure holds fz
         # would be a reference cycle through C++ that the garbage collector cannot break.
         out = fz.view_as(fz)
