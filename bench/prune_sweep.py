@@ -147,7 +147,7 @@ def _solver_text(report: dict) -> str:
 
 
 def _widths(model: torch.nn.Module) -> list[int]:
-    from mbdl_fast.prune.channels import find_priors
+    from mbdl_fast.solvers import find_priors
 
     return [w for _, prior in find_priors(model) for w in getattr(prior, "widths", [])]
 

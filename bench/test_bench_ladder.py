@@ -98,7 +98,7 @@ def _du_models(physics, y, device: torch.device) -> tuple[nn.Module, nn.Module, 
 
 
 def _widths(model: nn.Module) -> list[int]:
-    from mbdl_fast.prune.channels import find_priors
+    from mbdl_fast.solvers import find_priors
 
     return [w for _, prior in find_priors(model) for w in prior.widths]
 
@@ -108,7 +108,7 @@ def ladder(bench_device):
     """Dense and pruned DEQ on the bench device, and one test batch (physics, y, target)."""
     from mbdl_fast.checkpoint import load_model, read_metadata
     from mbdl_fast.prune import count_params_and_macs, prune_channels
-    from mbdl_fast.train import TrainConfig, make_dataset, prepare_batch
+    from mbdl_fast.tasks import TrainConfig, make_dataset, prepare_batch
     from mbdl_fast.weights import weights_path
 
     path = os.environ.get("MBDL_FAST_LADDER_CHECKPOINT")

@@ -29,8 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast.checkpoint import load_model, save_model
 from mbdl_fast.demo import DEQ_MAX_ITER, DEQ_TOL
 from mbdl_fast.demo_real import undersampled_real_scan
+from mbdl_fast.finetune import SelfSupervised, SplitMeasurements, acs_band, finetune
+from mbdl_fast.solvers.deq import DEQ
 
 __all__ = ["ADAPT_STRATEGIES", "adapt_checkpoint", "adapt_to_real_scan", "validation_split"]
 
@@ -43,8 +46,6 @@ VALIDATION_FRACTION = 0.2
 def validation_split(mask: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(training mask, validation mask): ``fraction`` of the sampled non-ACS columns of ``mask`` (at least one),
     drawn with ``seed``, moved to the validation mask. ``mask``: a column mask ``(..., 1, W)``."""
-    from mbdl_fast.finetune import acs_band
-
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ValueError(f"validation: expected a number in (0, 1), got {fraction!r}")
     candidates = ((mask > 0) & ~acs_band(mask)).reshape(-1).nonzero().squeeze(1)
@@ -89,9 +90,6 @@ def adapt_to_real_scan(
         ``"final"``: ``{"iterations", "converged", "validation_error"}`` of the kept model run from A^H y on all
         measurements, ``"options"``: the settings above}``.
     """
-    from mbdl_fast.finetune import SelfSupervised, SplitMeasurements, finetune
-    from mbdl_fast.solvers.deq import DEQ
-
     if strategy not in ADAPT_STRATEGIES:
         raise ValueError(f"strategy: expected one of {ADAPT_STRATEGIES}, got {strategy!r}")
     device = next(model.parameters()).device
@@ -135,8 +133,6 @@ def adapt_checkpoint(checkpoint: str | Path, out: str | Path, setting: str = "ra
     The saved metadata (``"adapted"``) records the source checkpoint and its SHA-256, the options, the history
     and the final check; ``options`` are ``adapt_to_real_scan``'s keyword arguments (``device`` too).
     """
-    from mbdl_fast.checkpoint import load_model, save_model
-
     device = options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint, map_location=device)
     started = time.perf_counter()

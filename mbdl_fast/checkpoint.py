@@ -47,7 +47,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.modules import module as module_hooks
 
+from mbdl_fast import __version__
 from mbdl_fast.registry import build, config_of
+from mbdl_fast.shipped import SHIPPED, weights_path
 
 MODEL_FORMAT = "mbdl_fast-checkpoint"
 TRAINING_FORMAT = "mbdl_fast-training-state"
@@ -78,8 +80,6 @@ def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
         base = base.with_suffix("")
     weights, config = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
     if not config.exists() and not weights.exists() and isinstance(path, str):
-        from mbdl_fast.weights import SHIPPED, weights_path
-
         if path in SHIPPED:
             shipped = weights_path(path)
             return shipped.with_name(shipped.name + ".safetensors"), shipped.with_name(shipped.name + ".json")
@@ -160,8 +160,6 @@ def _committed_weights(weights: Path, header: dict[str, Any]) -> Path:
 
 
 def _library() -> dict[str, str]:
-    from mbdl_fast import __version__
-
     return {"mbdl_fast": __version__, "torch": torch.__version__}
 
 

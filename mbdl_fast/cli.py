@@ -15,10 +15,32 @@ import argparse
 import json
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import torch
+
+import mbdl_fast
+from mbdl_fast._extension import build_report
+from mbdl_fast._validate import check_device
+from mbdl_fast.adapt_real import (
+    ADAPT_JAC_REG,
+    ADAPT_LR,
+    ADAPT_PATIENCE,
+    ADAPT_STEPS,
+    ADAPT_STRATEGIES,
+    adapt_checkpoint,
+)
+from mbdl_fast.data import load_brain_slices, load_natural_images
+from mbdl_fast.demo import run_demo
+from mbdl_fast.demo_real import run_real_demo
+from mbdl_fast.evaluate import evaluate_checkpoint
+from mbdl_fast.physics.superres import KERNELS as SR_KERNELS
+from mbdl_fast.prune.pipeline import format_table, prune_and_report
+from mbdl_fast.tasks import TrainConfig
+from mbdl_fast.train import train
 
 #: Errors a user's input raises (bad values, files, devices, missing optional packages): one line, exit status 2.
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
@@ -81,12 +103,6 @@ def _json_object(text: str) -> dict:
 
 
 def _info(_: argparse.Namespace) -> int:
-    import numpy
-
-    import mbdl_fast
-    from mbdl_fast._extension import build_report
-    from mbdl_fast.data import load_brain_slices, load_natural_images
-
     print(f"mbdl_fast {mbdl_fast.__version__} | python {platform.python_version()} | torch {torch.__version__}"
           f" | numpy {numpy.__version__}")  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,14 +121,9 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mbdl_fast._validate import check_device
-    from mbdl_fast.demo import run_demo
-
     device = check_device("device", args.device) if args.device else None
     weights = Path(args.weights_dir) if args.weights_dir else None
     if args.data == "real":
-        from mbdl_fast.demo_real import run_real_demo
-
         result = run_real_demo(device=device, out_dir=Path(args.out), weights_dir=weights)
         print(result["table"])
         print(f"wrote {', '.join(result['figures'])} and {result['json']}")
@@ -124,8 +135,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mbdl_fast.train import TrainConfig, train
-
     values: dict = _read_config(args.config) if args.config else {}
     for key, value in vars(args).items():
         if key in ("command", "func", "config", "quiet", "debug") or value is None:
@@ -152,16 +161,12 @@ def _read_config(path: str) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mbdl_fast.evaluate import evaluate_checkpoint
-
     evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, out=args.out, tol=args.tol,
                         max_iter=args.max_iter, compare=args.compare)  # fmt: skip
     return 0
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from mbdl_fast.prune.pipeline import format_table, prune_and_report
-
     result = prune_and_report(
         args.checkpoint, args.ratio, importance=args.importance, finetune=args.finetune, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, nm=args.nm, nm_budget=args.nm_budget, nm_score_lr=args.nm_score_lr, jac_reg=args.jac_reg, tol=args.tol,
@@ -174,8 +179,6 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _adapt_real(args: argparse.Namespace) -> int:
-    from mbdl_fast.adapt_real import adapt_checkpoint
-
     result = adapt_checkpoint(
         args.checkpoint, args.out, args.setting, strategy=args.strategy, steps=args.steps, lr=args.lr,
         jac_reg=args.jac_reg, patience=args.patience, seed=args.seed, device=args.device, progress=not args.quiet,
@@ -188,8 +191,6 @@ def _adapt_real(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import subprocess
-
     dirs = [Path(args.bench_dir)] if args.bench_dir else [Path(__file__).resolve().parents[1] / "bench", Path("bench")]
     script = next((d / "ladder_report.py" for d in dirs if (d / "ladder_report.py").is_file()), None)
     if script is None:
@@ -200,9 +201,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mbdl_fast.physics.superres import KERNELS as SR_KERNELS
-    from mbdl_fast.train import TrainConfig
-
     parser = _Parser(prog="mbdl-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, devices, backends and the CUDA levels built here").set_defaults(func=_info)
@@ -282,8 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="write the pruned model and prune_report.json here")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=_prune)
-
-    from mbdl_fast.adapt_real import ADAPT_JAC_REG, ADAPT_LR, ADAPT_PATIENCE, ADAPT_STEPS, ADAPT_STRATEGIES
 
     ad = sub.add_parser("adapt-real", help="test-time adaptation of a DEQ to the shipped real scan's undersampled "
                         "measurements (self-supervised, no reference); see mbdl_fast/adapt_real.py")  # fmt: skip

@@ -20,7 +20,11 @@ from typing import Any
 
 import torch
 
+from mbdl_fast.checkpoint import load_model, read_metadata
+from mbdl_fast.linalg import conjugate_gradient
 from mbdl_fast.metrics import nmse, psnr, ssim
+from mbdl_fast.shipped import weights_path
+from mbdl_fast.tasks import TrainConfig, make_dataset, prepare_batch
 from mbdl_fast.timing import synchronize
 
 DEQ_TOL, DEQ_MAX_ITER = 1e-4, 100
@@ -35,9 +39,6 @@ def _timed(fn, device: torch.device):
 
 
 def _load(name: str, weights_dir: Path | None, device: torch.device):
-    from mbdl_fast.checkpoint import load_model, read_metadata
-    from mbdl_fast.weights import weights_path
-
     path = weights_path(name) if weights_dir is None else Path(weights_dir) / name
     return load_model(path, map_location=device), read_metadata(path)
 
@@ -47,9 +48,6 @@ def run_demo(
     weights_dir: Path | None = None, cg_iterations: int = 30,
 ) -> dict[str, Any]:  # fmt: skip
     """Reconstruct ``num_images`` shipped test slices with every method; returns rows, table and file paths."""
-    from mbdl_fast.linalg import conjugate_gradient
-    from mbdl_fast.train import TrainConfig, make_dataset, prepare_batch
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     notes = []
     try:
@@ -139,6 +137,8 @@ def plot_reconstructions(
     Returns:
         the (PSNR, SSIM) of image ``index`` per method, as the titles print them.
     """
+    # Here, not at the top: the non-interactive backend must be chosen before pyplot is imported, and only the
+    # figures need it.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -42,8 +42,15 @@ from typing import Any
 
 import torch
 
+# The scan is looked up at call time (shipped_data.load_real_brain): tests substitute it to show that only its
+# undersampled measurements are read.
+from mbdl_fast import data as shipped_data
+from mbdl_fast.coils import align_phase, coil_support, espirit
 from mbdl_fast.demo import DEQ_MAX_ITER, DEQ_TOL, _load, _timed, plot_reconstructions
+from mbdl_fast.linalg import conjugate_gradient
 from mbdl_fast.metrics import nmse, psnr, ssim
+from mbdl_fast.physics import MultiCoilMRI
+from mbdl_fast.physics.masks import random_mask, uniform_acs_mask
 
 CG_ITERATIONS = 10
 #: Row labels of the shipped models.
@@ -65,8 +72,6 @@ ACS_CALIB_LINES = 24
 
 def _settings(width: int) -> list[tuple[str, str, torch.Tensor, tuple[str, ...]]]:
     """(key, label, column mask (1, W), shipped DEQ models) per retrospective undersampling."""
-    from mbdl_fast.physics.masks import random_mask, uniform_acs_mask
-
     return [
         ("random4x", "fastMRI random 4x (8% centre)", random_mask(width, 4, 0.08, seed=MASK_SEED),
          ("deq_mri_4x", "deq_mri_4x_pruned50", "deq_mri_4x_real_ss", "e2e_varnet_mri_4x")),
@@ -84,23 +89,16 @@ def real_setting(key: str, width: int) -> tuple[str, torch.Tensor, tuple[str, ..
 
 def acs_maps(y: torch.Tensor) -> torch.Tensor:
     """ESPIRiT maps ``(B, C, H, W)`` from the ACS band of undersampled k-space ``y`` ``(B, C, H, W)``."""
-    from mbdl_fast.coils import espirit
-
     return espirit(y, calib_width=(y.shape[-2], ACS_CALIB_LINES), kernel_width=ACS_KERNEL_WIDTH)
 
 
 def cg_sense(physics: torch.nn.Module, y: torch.Tensor, iterations: int = CG_ITERATIONS):
     """(x, info): CG on A^H A x = A^H y from A^H y, a fixed count of ``iterations`` (early stopping regularises)."""
-    from mbdl_fast.linalg import conjugate_gradient
-
     return conjugate_gradient(physics.A_adjoint_A, physics.A_adjoint(y), tol=1e-9, max_iter=iterations)
 
 
 def learned_model_physics(mask: torch.Tensor, maps: torch.Tensor, cg: torch.Tensor) -> torch.nn.Module:
     """The operator the learned models get: the ACS maps with the CG-SENSE image's phase (``align_phase``)."""
-    from mbdl_fast.coils import align_phase
-    from mbdl_fast.physics import MultiCoilMRI
-
     return MultiCoilMRI(mask, align_phase(maps, cg))
 
 
@@ -111,10 +109,7 @@ def undersampled_real_scan(key: str, device: torch.device | str = "cpu") -> tupl
     (ESPIRiT maps from y's ACS band, phase of y's CG-SENSE image). Only y is ever read, never the full k-space's
     unsampled lines.
     """
-    from mbdl_fast.data import load_real_brain
-    from mbdl_fast.physics import MultiCoilMRI
-
-    kspace = load_real_brain().to(device)
+    kspace = shipped_data.load_real_brain().to(device)
     _, mask, _ = real_setting(key, kspace.shape[-1])
     mask = mask.to(device)
     y = mask * kspace
@@ -126,9 +121,6 @@ def undersampled_real_scan(key: str, device: torch.device | str = "cpu") -> tupl
 
 def reference_image(kspace: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_ref, maps): fully sampled ``(B, C, H, W)`` k-space combined with its own ESPIRiT maps, x_ref ``(B, H, W)``."""
-    from mbdl_fast.coils import espirit
-    from mbdl_fast.physics import MultiCoilMRI
-
     maps = espirit(kspace)
     full = torch.ones(1, kspace.shape[-1], device=kspace.device)
     return MultiCoilMRI(full, maps).A_adjoint(kspace), maps  # Σ_c conj(S_c) F^H y_c
@@ -144,12 +136,8 @@ def run_real_demo(
     ``None``), ``converged`` (DEQ: fraction of images that reached the tolerance, else ``None``),
     ``seconds_per_image`` (the reconstruction only; the ACS ESPIRiT time is in ``espirit_seconds``).
     """
-    from mbdl_fast.coils import coil_support
-    from mbdl_fast.data import load_real_brain
-    from mbdl_fast.physics import MultiCoilMRI
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kspace = load_real_brain().to(device)
+    kspace = shipped_data.load_real_brain().to(device)
     b, c, h, w = kspace.shape
     target, _ = reference_image(kspace)
     ref = target.abs()

@@ -4,7 +4,7 @@ Every table the project prints (``mbdl-fast eval``, ``mbdl-fast prune``, the pru
 is made here, so that every number means the same thing:
 
 - the test set is fixed: for the MRI tasks, every test slice under ``TEST_DRAWS`` independent mask,
-  coil-map and phase draws (``mbdl_fast.train.make_dataset(cfg, "test")``, 7 x 6 = 42 images);
+  coil-map and phase draws (``mbdl_fast.tasks.make_dataset(cfg, "test")``, 7 x 6 = 42 images);
 - each model gives one row per image: ``psnr``, ``ssim``, ``nmse`` (magnitudes, ``mbdl_fast.metrics``),
   and for DEQs ``iterations`` and ``converged`` (the solver reached its tolerance) at an explicit
   tolerance and cap;
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -35,6 +36,8 @@ import torch.distributed as dist
 from mbdl_fast._validate import check_int, check_number
 from mbdl_fast.checkpoint import load_model, read_metadata
 from mbdl_fast.metrics import nmse, psnr, ssim
+from mbdl_fast.shipped import SHIPPED, weights_path
+from mbdl_fast.tasks import TrainConfig, make_dataset, prepare_batch, reconstruct
 from mbdl_fast.timing import synchronize
 
 __all__ = [
@@ -52,7 +55,7 @@ __all__ = [
     "time_round_robin",
 ]
 
-#: (physics, model input, target) of one test batch, as ``mbdl_fast.train.prepare_batch`` returns it.
+#: (physics, model input, target) of one test batch, as ``mbdl_fast.tasks.prepare_batch`` returns it.
 Batch = tuple[Any, torch.Tensor, torch.Tensor]
 
 
@@ -85,8 +88,6 @@ def prepare_batches(
 
     Noise for the denoising task is drawn from a fixed generator, so two calls give the same batches.
     """
-    from mbdl_fast.train import make_dataset, prepare_batch
-
     check_int("batch_size", batch_size, 1)
     if num_images is not None:
         check_int("num_images", num_images, 1)
@@ -103,8 +104,6 @@ def prepare_batches(
 
 def _run(model: torch.nn.Module | None, physics: Any, model_input: torch.Tensor) -> torch.Tensor:
     """A model's reconstruction; ``None`` is the zero-filled A^H y (or the noisy input for denoising)."""
-    from mbdl_fast.train import reconstruct
-
     if model is None:
         return model_input if physics is None else physics.A_adjoint(model_input)
     return reconstruct(model, physics, model_input)
@@ -296,11 +295,6 @@ def evaluate_checkpoint(
     ``compare``: the JSON ``out`` of another model's evaluation (e.g. the dense one): prints and saves the
     paired differences against it (``compare_to``).
     """
-    import os
-
-    from mbdl_fast.train import TrainConfig
-    from mbdl_fast.weights import SHIPPED, weights_path
-
     if path in SHIPPED:
         path = str(weights_path(path))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -16,6 +16,7 @@ import functools
 import torch
 
 from mbdl_fast._validate import describe
+from mbdl_fast.complex import from_fastmri, to_fastmri
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,7 +95,5 @@ def _in_layout(x: torch.Tensor, layout: str, inverse: bool) -> torch.Tensor:
     if layout == "complex":
         return _centered(x, (-2, -1), inverse)
     if layout == "fastmri":
-        from mbdl_fast.complex import from_fastmri, to_fastmri
-
         return to_fastmri(_centered(from_fastmri(x), (-2, -1), inverse))
     raise ValueError(f"layout: expected 'complex' or 'fastmri', got {layout!r}")

@@ -18,7 +18,7 @@ from mbdl_fast.metrics import nmse
 from mbdl_fast.physics import BlockCS, MultiCoilMRI, SuperResolution, masks
 from mbdl_fast.priors import EDSR, denoise
 from mbdl_fast.solvers import DEQ, ConvergenceWarning, DeepUnfolding, anderson_solve
-from mbdl_fast.train import TrainConfig
+from mbdl_fast.tasks import TrainConfig
 
 
 def crandn(*shape, seed=0):

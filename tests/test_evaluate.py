@@ -17,7 +17,7 @@ from mbdl_fast.evaluate import (
 )
 from mbdl_fast.solvers import DEQ
 from mbdl_fast.solvers.deq import jacobian_frobenius_estimate
-from mbdl_fast.train import TEST_DRAWS, TrainConfig, make_dataset
+from mbdl_fast.tasks import TEST_DRAWS, TrainConfig, make_dataset
 
 # Student-t 0.975 quantiles (statistical tables, 4 decimals)
 T975 = {5: 2.5706, 6: 2.4469, 10: 2.2281, 20: 2.0860, 41: 2.0195, 100: 1.9840}

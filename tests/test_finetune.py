@@ -28,7 +28,7 @@ from mbdl_fast.physics import MRI, MultiCoilMRI, SuperResolution
 from mbdl_fast.physics.masks import equispaced_mask
 from mbdl_fast.priors import EDSR
 from mbdl_fast.solvers import DEQ, DeepUnfolding, VarNet
-from mbdl_fast.train import TrainConfig, make_dataset
+from mbdl_fast.tasks import TrainConfig, make_dataset
 
 SIZE, COILS = 16, 4
 CPU = torch.device("cpu")
@@ -316,7 +316,7 @@ def test_jacobian_regulariser_joins_the_fine_tuning_loss():
     from mbdl_fast.finetune import finetune
     from mbdl_fast.priors import EDSR
     from mbdl_fast.solvers import DEQ, DeepUnfolding
-    from mbdl_fast.train import TrainConfig, make_dataset
+    from mbdl_fast.tasks import TrainConfig, make_dataset
 
     cfg = TrainConfig(task="mri", size=16, coils=2, max_train_items=2, max_val_items=2)
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def test_every_task_and_model_trains(tmp_path, task, model, extra):
 
 
 def test_e2e_varnet_trains_from_the_config_and_compares_magnitudes(tmp_path):
-    from mbdl_fast.train import compared_images, make_model
+    from mbdl_fast.tasks import compared_images, make_model
 
     cfg = {**TINY_DEQ, "model": "varnet", "model_args": TINY_E2E}
     result = run(cfg, tmp_path)

@@ -40,7 +40,7 @@ from mbdl_fast.metrics import nmse, psnr, ssim
 from mbdl_fast.physics import BlockCS, MultiCoilMRI, SuperResolution, masks
 from mbdl_fast.priors import EDSR, denoise
 from mbdl_fast.solvers import DEQ, DeepUnfolding, anderson_solve
-from mbdl_fast.train import TrainConfig
+from mbdl_fast.tasks import TrainConfig
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("MBDL_FAST_VALIDATION_EXAMPLES", "200")),

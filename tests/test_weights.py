@@ -7,7 +7,7 @@ import torch
 
 from mbdl_fast.checkpoint import read_metadata
 from mbdl_fast.metrics import psnr
-from mbdl_fast.train import TrainConfig, make_dataset, prepare_batch
+from mbdl_fast.tasks import TrainConfig, make_dataset, prepare_batch
 from mbdl_fast.weights import SHIPPED, load_pretrained, weights_path
 
 
@@ -79,7 +79,7 @@ def test_shipped_e2e_varnet_estimates_its_own_coil_maps_and_is_small():
 
 
 def test_shipped_pruned_e2e_varnet_halves_the_wide_layers_of_cascades_and_sensitivity_network():
-    from mbdl_fast.prune.channels import find_priors
+    from mbdl_fast.solvers import find_priors
 
     dense, pruned = load_pretrained("e2e_varnet_mri_4x"), load_pretrained("e2e_varnet_mri_4x_pruned50")
     assert pruned.estimates_coil_maps and pruned.num_cascades == dense.num_cascades

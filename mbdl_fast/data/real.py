@@ -17,6 +17,7 @@ import torch
 
 from mbdl_fast.data._resources import load_npz
 from mbdl_fast.fft import ifft2c
+from mbdl_fast.transforms import rotate
 
 REAL_BRAIN_FILE = "brain_invivo_16ch_gre.npz"
 BODY_COIL_FILE = "brain_invivo_bodycoil_2ch_gre.npz"
@@ -46,8 +47,6 @@ def load_real_brain(body_coil: bool = False) -> torch.Tensor:
     Returns:
         a fresh complex64 tensor on the CPU, fully sampled (undersample it with a mask).
     """
-    from mbdl_fast.finetune.transforms import rotate  # lazily: finetune imports the training stack
-
     if not isinstance(body_coil, bool):
         raise TypeError(f"body_coil: expected a bool, got {type(body_coil).__name__}")
     stored = load_npz(BODY_COIL_FILE if body_coil else REAL_BRAIN_FILE)["kspace"]

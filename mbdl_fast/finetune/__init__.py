@@ -38,7 +38,7 @@ from mbdl_fast.finetune.strategies import (
     make_strategy,
     relative_squared_error,
 )
-from mbdl_fast.finetune.transforms import rotate, rotate_physics
+from mbdl_fast.transforms import rotate, rotate_physics
 
 __all__ = [
     "GUARDED_SOLVER_OPTIONS",

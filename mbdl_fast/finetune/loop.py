@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from mbdl_fast._validate import check_number
+from mbdl_fast.checkpoint import save_model
 from mbdl_fast.finetune.strategies import Strategy, make_strategy
 from mbdl_fast.metrics import psnr, ssim
+from mbdl_fast.physics import MultiCoilMRI
 from mbdl_fast.solvers.deq import DEQ
-from mbdl_fast.train import TrainConfig, make_physics, reconstruct
+from mbdl_fast.tasks import TrainConfig, make_physics, reconstruct
 
 __all__ = [
     "GUARDED_SOLVER_OPTIONS",
@@ -68,8 +71,6 @@ def mri_problem(batch: dict[str, Any], device: torch.device) -> Problem:
     Keys: ``kspace`` complex ``(B, C, H, W)``, ``coil_maps`` complex ``(B, C, H, W)``, ``mask`` real,
     broadcastable (``(B, 1, 1, W)`` column masks); ``target`` complex ``(B, H, W)`` optional.
     """
-    from mbdl_fast.physics import MultiCoilMRI
-
     missing = [key for key in ("kspace", "coil_maps", "mask") if key not in batch]
     if missing:
         raise KeyError(
@@ -81,9 +82,9 @@ def mri_problem(batch: dict[str, Any], device: torch.device) -> Problem:
 
 
 def problem_from_config(cfg: TrainConfig) -> BatchToProblem:
-    """``batch_to_problem`` for the task of ``cfg`` (the data of ``train.make_dataset(cfg, split)``).
+    """``batch_to_problem`` for the task of ``cfg`` (the data of ``tasks.make_dataset(cfg, split)``).
 
-    ``mri``: ``mri_problem``. ``sr`` / ``block-cs``: the operator of ``train.make_physics``, y = the
+    ``mri``: ``mri_problem``. ``sr`` / ``block-cs``: the operator of ``tasks.make_physics``, y = the
     items' ``y`` if given, else A(target) (simulated measurements: the data, not supervision).
     ``denoise``: no operator, y = the items' ``y`` or target + ``cfg.denoise_sigma`` · noise (seeded).
     """
@@ -325,10 +326,6 @@ def finetune(
         SSIM, without ground truth in it), ``val_objective`` (or ``None``), and for DEQ models ``f_tol`` and
         ``f_max_iter``.
     """
-    from tqdm import tqdm
-
-    from mbdl_fast.checkpoint import save_model
-
     strategy = make_strategy(strategy, loss=loss, rei_weight=rei_weight, rotations=rotations, noise_std=rei_noise_std)
     to_problem = _as_batch_to_problem(batch_to_problem)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):

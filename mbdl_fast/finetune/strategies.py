@@ -4,7 +4,7 @@ A strategy is a callable
 
     strategy(model, physics, y, target, teacher, generator=None) -> {"loss": scalar, <parts>: scalars}
 
-with ``model`` the network being tuned (called as ``train.reconstruct(model, physics, y)``: DEQ, DU,
+with ``model`` the network being tuned (called as ``tasks.reconstruct(model, physics, y)``: DEQ, DU,
 VarNet, ... take the measurements and the operator and start from A^H y), ``y`` the measurements
 (k-space ``(B, C, H, W)`` for MRI), ``target`` the ground truth image (``(B, H, W)`` complex for MRI)
 or ``None``, ``teacher`` the frozen dense model or ``None``. ``needs_target`` / ``needs_teacher`` say
@@ -35,11 +35,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from mbdl_fast.finetune.transforms import check_rotations, rotate, rotate_physics
+from mbdl_fast.transforms import check_rotations, rotate, rotate_physics
 from mbdl_fast.metrics import ssim
 from mbdl_fast.physics import MultiCoilMRI
 from mbdl_fast.solvers.deq import DEQ
-from mbdl_fast.train import compared_images, reconstruct
+from mbdl_fast.tasks import compared_images, reconstruct
 
 __all__ = [
     "IMAGE_LOSSES",
@@ -160,7 +160,7 @@ class WarmStarts:
     For test-time adaptation, where every step sees the same scan: after a small parameter step the previous
     fixed point is a close start (about half the iterations). The fixed point does not depend on the start where
     the solver reaches its tolerance. A slot is used only while its measurements keep their shape; models without
-    a DEQ, or ``enabled=False``, reconstruct as ``train.reconstruct``.
+    a DEQ, or ``enabled=False``, reconstruct as ``tasks.reconstruct``.
     """
 
     def __init__(self, enabled: bool = True) -> None:

@@ -23,6 +23,10 @@ import torch
 
 from mbdl_fast._validate import check_tensor, describe
 from mbdl_fast.complex import from_fastmri
+from mbdl_fast.physics import MRI
+from mbdl_fast.priors import NormUNet, UNet
+from mbdl_fast.priors.unet import unet_width_layers
+from mbdl_fast.solvers.varnet import SensitivityModel, VarNet
 
 __all__ = ["load_unet", "load_varnet", "varnet_inputs"]
 
@@ -56,8 +60,6 @@ def _state_dict(source: StateSource, marker: str, what: str) -> dict[str, torch.
 
 def _unet_args(state: Mapping[str, torch.Tensor], prefix: str) -> dict:
     """``UNet`` constructor arguments (every width explicit) from the fastMRI U-Net tensors under ``prefix``."""
-    from mbdl_fast.priors.unet import unet_width_layers
-
     pools = 0
     while f"{prefix}down_sample_layers.{pools}.layers.0.weight" in state:
         pools += 1
@@ -94,8 +96,6 @@ def load_unet(source: StateSource, drop_prob: float = 0.0) -> torch.nn.Module:
     Returns:
         ``UNet`` in eval mode, real (B, in_chans, H, W) -> (B, out_chans, H, W), equal to fastMRI's ``Unet``.
     """
-    from mbdl_fast.priors import UNet
-
     state = _state_dict(source, "down_sample_layers.0.layers.0.weight", "Unet")
     return _load_strict(UNet(drop_prob=drop_prob, **_unet_args(state, "")), state, "Unet")
 
@@ -118,9 +118,6 @@ def load_varnet(
         ``VarNet`` in eval mode; ``model(y, physics)`` with ``(y, physics) = varnet_inputs(masked_kspace,
         mask)`` equals fastMRI's ``model(masked_kspace, mask)``.
     """
-    from mbdl_fast.priors import NormUNet
-    from mbdl_fast.solvers.varnet import SensitivityModel, VarNet
-
     state = _state_dict(source, "cascades.0.dc_weight", "VarNet")
     num_cascades = 0
     while f"cascades.{num_cascades}.dc_weight" in state:
@@ -161,8 +158,6 @@ def varnet_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torc
         y complex (B, C, H, W) and ``MRI(mask)``, mask real (B, 1, 1, W), float64 for float64 k-space
         (the operator carries the mask and layout; a VarNet with a sensitivity network takes any number of coils).
     """
-    from mbdl_fast.physics import MRI
-
     check_tensor("masked_kspace", masked_kspace)
     if masked_kspace.is_complex() or masked_kspace.dim() != 5 or masked_kspace.shape[-1] != 2:
         raise ValueError(f"masked_kspace: expected fastMRI's real (B, C, H, W, 2), got {describe(masked_kspace)}")

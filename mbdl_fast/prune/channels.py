@@ -53,6 +53,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from mbdl_fast.registry import build, config_of
+from mbdl_fast.solvers import find_priors, is_solver
+
 __all__ = ["PruningError", "PruningRecord", "PruningWarning", "UnitRecord", "find_priors", "prune_channels"]
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
@@ -127,61 +130,6 @@ class PruningRecord:
             for key in ("widths_before", "widths_after"):
                 u[key] = None if u[key] is None else list(u[key])
         return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Finding the priors
-# ------------------------------------------------------------------------------------------------
-def is_solver(model: nn.Module) -> bool:
-    """Whether ``model`` holds priors (a DEQ, DU, VarNet, RecursiveUnfolding, or ``.prior`` / ``.priors``)."""
-    from mbdl_fast.solvers import DEQ, DeepUnfolding, RecursiveUnfolding, VarNet
-
-    if isinstance(model, (DEQ, DeepUnfolding, VarNet, RecursiveUnfolding)):
-        return True
-    if hasattr(model, "width_layers"):
-        return False
-    return isinstance(getattr(model, "prior", None), nn.Module) or isinstance(
-        getattr(model, "priors", None), nn.ModuleList
-    )
-
-
-def find_priors(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The CNN priors of ``model``, as ``(module path, module)``, each module once.
-
-    - ``DEQ`` and any module with a ``.prior``: ``[("prior", model.prior)]``;
-    - ``DeepUnfolding`` (one prior when tied, K untied), any module with a ``.priors`` ModuleList:
-      ``[("priors.k", ...)]``;
-    - ``VarNet``: its T cascade priors ``[("cascades.t.model", ...)]``, then its sensitivity network's
-      NormUNet ``("sens_net.norm_unet", ...)`` where it has one;
-    - ``RecursiveUnfolding``: its recovery blocks ``[("blocks.i", ...)]``;
-    - a prior (anything with ``width_layers()``) or any other module: ``[("", model)]``.
-    """
-    from mbdl_fast.solvers import RecursiveUnfolding, VarNet
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, RecursiveUnfolding):
-        found = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-    elif isinstance(model, VarNet):
-        found = [(f"cascades.{t}.model", c.model) for t, c in enumerate(model.cascades)]
-        norm_unet = getattr(model.sens_net, "norm_unet", None)
-        if isinstance(norm_unet, nn.Module):
-            found.append(("sens_net.norm_unet", norm_unet))
-    elif is_solver(model):
-        prior = getattr(model, "prior", None)
-        if isinstance(prior, nn.Module):
-            found = [("prior", prior)]
-        else:
-            found = [(f"priors.{i}", p) for i, p in enumerate(model.priors)]
-    else:
-        found = [("", model)]
-    seen: set[int] = set()
-    unique = []
-    for name, module in found:
-        if id(module) not in seen:
-            seen.add(id(module))
-            unique.append((name, module))
-    return unique
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,8 +336,6 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _config_rebuilds(module: nn.Module) -> bool | None:
     """Whether ``build(config_of(module))`` has the module's state-dict shapes; None if not registered."""
-    from mbdl_fast.registry import build, config_of
-
     try:
         config = config_of(module)
     except TypeError:

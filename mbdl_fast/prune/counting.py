@@ -30,6 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast.prune.channels import _example_for, _UnitHarness
+from mbdl_fast.solvers import DEQ, DeepUnfolding, RecursiveUnfolding, VarNet, find_priors, is_solver
+
 __all__ = ["count_params_and_macs", "conv_macs"]
 
 
@@ -100,8 +103,6 @@ def count_params_and_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[
         ``"applications_per_forward"`` and ``"macs_per_forward"`` (``None`` for a DEQ), and
         ``"params"`` counts the whole solver (step sizes, modulation MLPs included).
     """
-    from mbdl_fast.prune.channels import _example_for, _UnitHarness, find_priors, is_solver
-
     shape = _shape(input_shape)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -140,8 +141,6 @@ def count_params_and_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[
 
 def _applications(model: nn.Module, names: list[str]) -> list[str] | None:
     """The prior applied at each application of one forward pass (by name), or None when not fixed (DEQ)."""
-    from mbdl_fast.solvers import DEQ, DeepUnfolding, RecursiveUnfolding, VarNet
-
     if isinstance(model, DEQ):
         return None
     if isinstance(model, DeepUnfolding):

@@ -34,8 +34,13 @@ from mbdl_fast.evaluate import (
     summarise,
     time_round_robin,
 )
+from mbdl_fast.finetune import finetune as run_finetune
+from mbdl_fast.finetune.strategies import make_strategy
 from mbdl_fast.prune.channels import prune_channels
 from mbdl_fast.prune.counting import count_params_and_macs
+from mbdl_fast.prune.nm import SLSSearch, apply_nm, nm_report
+from mbdl_fast.solvers import find_priors
+from mbdl_fast.tasks import TrainConfig, make_dataset
 
 
 def _set_solver(model: torch.nn.Module, options: dict[str, Any]) -> None:
@@ -50,9 +55,6 @@ def _prior_shape(cfg) -> tuple[int, int, int, int]:
 
 def _nm_step(model, nm: str | None, nm_budget: float | None, prior_shape):
     """Attach one-shot N:M masks or an SLS search to ``model``'s priors; returns (search or None, label)."""
-    from mbdl_fast.prune.channels import find_priors
-    from mbdl_fast.prune.nm import SLSSearch, apply_nm
-
     if nm:
         try:
             n, m = (int(v) for v in nm.split(":"))
@@ -109,7 +111,7 @@ class PruneProblem:
 
     checkpoint: Path
     meta: dict[str, Any]
-    cfg: Any  # mbdl_fast.train.TrainConfig
+    cfg: Any  # mbdl_fast.tasks.TrainConfig
     dense: torch.nn.Module
     batches: list[tuple[Any, torch.Tensor, torch.Tensor]]
     train_options: dict[str, Any]
@@ -127,8 +129,6 @@ def load_problem(
     device: str | torch.device | None = None,
 ) -> PruneProblem:
     """Load ``checkpoint`` (with its training config) and prepare its test split as (physics, y, target) batches."""
-    from mbdl_fast.train import TrainConfig
-
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = read_metadata(checkpoint)
     if "config" not in meta:
@@ -161,10 +161,6 @@ def finetune_pruned(
     weight decay, no clipping), as SLS's search does. ``jac_reg``: weight of the DEQ Jacobian regulariser (see
     ``mbdl_fast.finetune``). Returns the per-epoch history.
     """
-    from mbdl_fast.finetune import finetune as run_finetune
-    from mbdl_fast.finetune.strategies import make_strategy
-    from mbdl_fast.train import make_dataset
-
     strategy = make_strategy(finetune)
     groups = []
     if searches:
@@ -274,9 +270,6 @@ def prune_and_report(
         if model is dense:
             dense_rows = row["per_image"]
         if label and name.endswith(label):
-            from mbdl_fast.prune.channels import find_priors
-            from mbdl_fast.prune.nm import nm_report
-
             report = [nm_report(p, input_shape=shape) for _, p in find_priors(model)]
             row["nm_effective_macs"] = sum(r.effective_macs for r in report)
         rows.append(row)

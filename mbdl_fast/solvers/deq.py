@@ -44,7 +44,7 @@ from mbdl_fast._validate import (
 from mbdl_fast.backends import BACKENDS
 from mbdl_fast.dc import _checks_wanted, dc_step
 from mbdl_fast.priors.base import denoise
-from mbdl_fast.registry import build, config_of, register
+from mbdl_fast._registry import build, config_of, register
 from mbdl_fast.solvers.fixed_point import MAX_ANDERSON_M, anderson_solve, fixed_point_solve
 
 __all__ = ["DEQ", "jacobian_frobenius_estimate"]

@@ -36,7 +36,8 @@ from torch.nn.functional import relu
 from mbdl_fast._validate import describe, run_unchecked
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.dc import dc_step
-from mbdl_fast.registry import build, config_of, register
+from mbdl_fast.physics.mri import MultiCoilMRI
+from mbdl_fast._registry import build, config_of, register
 from mbdl_fast.solvers.unfolding import (
     _adjoint_measurements,
     _as_module_list,
@@ -269,8 +270,6 @@ def measurement_ratio(physics: nn.Module) -> float | torch.Tensor:
     ratio = getattr(physics, "ratio", None)
     if ratio is not None:
         return float(ratio)
-    from mbdl_fast.physics.mri import MultiCoilMRI
-
     if isinstance(physics, MultiCoilMRI):
         mask = physics.mask  # (B|1, 1, H|1, W|1): the mean over broadcast axes is the sampled fraction
         return mask.reshape(mask.shape[0], -1).mean(dim=1)

@@ -41,10 +41,10 @@ from mbdl_fast._validate import (
     run_unchecked,
 )
 from mbdl_fast.backends import BACKENDS
-from mbdl_fast.dc import dc_step
+from mbdl_fast.dc import _checks_wanted, dc_step
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.prox import prox_l2
-from mbdl_fast.registry import build, config_of, register
+from mbdl_fast._registry import build, config_of, register
 
 __all__ = ["DeepUnfolding"]
 
@@ -104,8 +104,6 @@ def _adjoint_measurements(physics: nn.Module, y: torch.Tensor, x0: torch.Tensor 
 def _check_solver_inputs(y: torch.Tensor, x0: torch.Tensor | None, physics: object) -> None:
     """One NaN/Inf scan per forward (a device sync), so the iterations skip theirs (``run_unchecked``); none inside
     a traced graph (torch.compile, torch.export, a CUDA-graph capture), where it would be a data-dependent branch."""
-    from mbdl_fast.dc import _checks_wanted
-
     check_operator("physics", physics, ("A", "A_adjoint"))
     check_nonempty("y", check_tensor("y", y), "measurements")
     if x0 is not None:
