@@ -181,7 +181,6 @@ def _check_values(cfg: TrainConfig) -> None:
         check_device("device", cfg.device)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +269,6 @@ def prepare_batch(cfg: TrainConfig, batch: dict[str, torch.Tensor], device: torc
     return physics, physics.A(target), target
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +328,6 @@ def compared_images(
     if getattr(unwrap(model), "estimates_coil_maps", False):
         return out.abs(), reference.abs()
     return out, reference
-
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -88,7 +88,6 @@ def _check_resume(cfg: TrainConfig, out_dir: Path, saved: dict[str, Any] | None)
         )
 
 
-
 def _loss(cfg: TrainConfig, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     diff = torch.view_as_real(out - target) if out.is_complex() else out - target
     if cfg.loss == "l1":
@@ -116,7 +115,6 @@ def _device(cfg: TrainConfig) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 On a CPU the fast layers fall back to F.conv2d, channels_last applies, the fused DC and CUDA graphs
 are skipped with their reason; ``cuda_graphs="eager"`` runs the graphs' static-buffer solver
-without capture, so its logic (chunking, per-sample freezing, counts, trace) is tested here too.
+(``execution="static_buffers"``) without capture, so its logic (chunking, per-sample freezing, counts, trace)
+is tested here too.
 """
 
 import copy
@@ -12,13 +13,13 @@ import pytest
 import torch
 from conftest import rel_err
 
-from mbdl_fast.accelerate import _spd_solve, accelerate
+from mbdl_fast.accelerate import accelerate
 from mbdl_fast.physics.masks import random_mask
 from mbdl_fast.physics.mri import MRI, MultiCoilMRI
 from mbdl_fast.physics.superres import SuperResolution
 from mbdl_fast.priors import EDSR
 from mbdl_fast.solvers import DEQ, DeepUnfolding, VarNet
-from mbdl_fast.solvers.fixed_point import ConvergenceWarning
+from mbdl_fast.solvers.fixed_point import ConvergenceWarning, _spd_solve
 
 CUDA = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -118,7 +119,7 @@ def test_static_buffers_are_refilled_for_new_data_of_the_same_shape():
         physics, y = make_problem("cpu", seed=seed)
         with torch.no_grad():
             assert rel_err(fast(y, physics), deq(y, physics)) < TOL["static_solver"]
-    assert len(fast.fixed_point.__self__.solves) == 1  # same shapes and mask structure: one set-up
+    assert len(fast.execution_cache.solves) == 1  # same shapes and mask structure: one set-up
 
 
 def test_other_physics_run_the_eager_solver_and_say_so():
@@ -177,7 +178,7 @@ def test_deepcopy_of_an_accelerated_model_is_independent():
         a = fast(y, physics)
         twin.prior.head.weight.mul_(0.5)
         b = twin(y, physics)
-    assert twin.fixed_point.__self__.deq is twin and fast.fixed_point.__self__.deq is fast
+    assert twin.execution_cache is not fast.execution_cache and twin.acceleration.cache is twin.execution_cache
     assert rel_err(a, b) > 1e-3
 
 

@@ -35,11 +35,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from mbdl_fast.transforms import check_rotations, rotate, rotate_physics
 from mbdl_fast.metrics import ssim
 from mbdl_fast.physics import MultiCoilMRI
 from mbdl_fast.solvers.deq import DEQ
 from mbdl_fast.tasks import compared_images, reconstruct
+from mbdl_fast.transforms import check_rotations, rotate, rotate_physics
 
 __all__ = [
     "IMAGE_LOSSES",

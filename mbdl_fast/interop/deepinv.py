@@ -31,7 +31,7 @@ __all__ = ["DeepinvDenoiserPrior", "DeepinvPhysics", "FusedL2", "from_deepinv_de
 
 def _import_deepinv() -> Any:
     try:
-        import deepinv
+        import deepinv  # optional dependency (mbdl_fast[deepinv]): imported on first use of the adapters
     except ImportError as exc:
         raise ImportError(
             f"mbdl_fast.interop.deepinv needs deepinv (pip install 'mbdl_fast[deepinv]'); importing it failed: {exc}"

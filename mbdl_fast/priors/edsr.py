@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast._registry import register
 from mbdl_fast._validate import check_int, check_number
 from mbdl_fast.priors._common import MAX_LAYERS, check_prior_input, kwargs_from_config, positive_int, resolve_widths
-from mbdl_fast._registry import register
 
 
 class _ResBlock(nn.Module):

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn.functional import avg_pool2d, pad
 
+from mbdl_fast._registry import register
 from mbdl_fast._validate import describe
 from mbdl_fast.priors._common import check_prior_input, kwargs_from_config, positive_int, resolve_widths
-from mbdl_fast._registry import register
 
 
 class _ConvBlock(nn.Module):

@@ -54,7 +54,7 @@ import torch_pruning as tp
 from torch import nn
 
 from mbdl_fast.registry import build, config_of
-from mbdl_fast.solvers import find_priors, is_solver
+from mbdl_fast.solvers import find_priors
 
 __all__ = ["PruningError", "PruningRecord", "PruningWarning", "UnitRecord", "find_priors", "prune_channels"]
 

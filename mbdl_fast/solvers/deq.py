@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast._registry import build, config_of, register
 from mbdl_fast._validate import (
     MAX_ITERATIONS,
     check_finite,
@@ -44,12 +45,11 @@ from mbdl_fast._validate import (
 from mbdl_fast.backends import BACKENDS
 from mbdl_fast.dc import _checks_wanted, dc_step
 from mbdl_fast.priors.base import denoise
-from mbdl_fast._registry import build, config_of, register
-from mbdl_fast.solvers.fixed_point import MAX_ANDERSON_M, anderson_solve, fixed_point_solve
+from mbdl_fast.solvers.execution import ExecutionCache, check_execution, solve_in_static_buffers
+from mbdl_fast.solvers.fixed_point import MAX_ANDERSON_M, SOLVERS, anderson_solve, fixed_point_solve
 
 __all__ = ["DEQ", "jacobian_frobenius_estimate"]
 
-_SOLVERS = ("anderson", "fixed_point_iter")
 _BACKWARDS = ("jfb", "implicit")
 _STOP_MODES = ("rel", "abs")
 
@@ -69,6 +69,8 @@ DEFAULT_SOLVER_OPTIONS: dict[str, Any] = {
     "anderson_beta": 1.0,
     "anderson_coefficients": "real",
     "dc_backend": "auto",
+    "execution": "eager",
+    "graph_chunk": None,
 }
 
 
@@ -85,13 +87,17 @@ def _check_option(key: str, value: Any) -> Any:
         return value
 
     if key in ("f_solver", "b_solver"):
-        return choice(_SOLVERS)
+        return choice(SOLVERS)
     if key in ("f_stop_mode", "b_stop_mode"):
         return choice(_STOP_MODES)
     if key == "backward":
         return choice(_BACKWARDS)
     if key == "dc_backend":
         return choice(("auto",) + BACKENDS)
+    if key == "execution":
+        return check_execution(value)
+    if key == "graph_chunk":
+        return None if value is None else check_int(key, value, 1, MAX_ITERATIONS)
     if key == "anderson_coefficients":
         return choice(("real", "complex"))
     if key in ("f_max_iter", "b_max_iter"):
@@ -134,11 +140,14 @@ class DEQ(nn.Module):
             backward (defaults equal to the forward's); ``backward`` ("jfb" | "implicit");
             ``anderson_m`` (5), ``anderson_lam`` (1e-4), ``anderson_beta`` (1.0),
             ``anderson_coefficients`` ("real" | "complex", see ``anderson_solve``); ``dc_backend``
-            ("auto" | "torch" | "triton" | "cuda"). Unknown keys raise ``TypeError``; bad values ``ValueError``.
+            ("auto" | "torch" | "triton" | "cuda"); ``execution`` ("eager" | "static_buffers" | "cuda_graph", see
+            ``mbdl_fast.solvers.execution``) and ``graph_chunk`` (iterations per captured graph, default
+            ``anderson_m``). Unknown keys raise ``TypeError``; bad values ``ValueError``.
 
     Attributes:
         last_info: the forward solver's info of the last call (``anderson_solve``'s keys).
         last_backward_info: the adjoint solver's info of the last implicit backward.
+        execution_cache: the static-buffer set-ups of the non-eager execution modes, and how the last solve ran.
     """
 
     def __init__(
@@ -169,6 +178,7 @@ class DEQ(nn.Module):
         self.last_info: dict = {}
         self.last_backward_info: dict = {}
         self._last_solve: tuple | None = None  # (z*, physics, A^H y) of the last forward with autograd on
+        self.execution_cache = ExecutionCache()
 
     def _register(self, name: str, value: torch.Tensor, learn: bool) -> None:
         if learn:
@@ -217,31 +227,50 @@ class DEQ(nn.Module):
         return self._operator(z, physics, AHy, self.alpha, self.gamma)
 
     # -- solves -----------------------------------------------------------------------------------
-    def _solve(self, f, z0: torch.Tensor, which: str) -> tuple[torch.Tensor, dict]:
+    def _state_options(self, which: str) -> dict[str, Any]:
+        """The forward ("f") or backward ("b") solver's name and options, as ``solver_state`` takes them."""
         opts = self.solver_options
-        tol, max_iter, stop_mode = opts[f"{which}_tol"], opts[f"{which}_max_iter"], opts[f"{which}_stop_mode"]
-        if opts[f"{which}_solver"] == "fixed_point_iter":
-            return fixed_point_solve(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode)
-        return anderson_solve(
-            f,
-            z0,
-            m=opts["anderson_m"],
-            lam=opts["anderson_lam"],
-            beta=opts["anderson_beta"],
-            tol=tol,
-            max_iter=max_iter,
-            stop_mode=stop_mode,
-            coefficients=opts["anderson_coefficients"],
-        )
+        state = {
+            "solver": opts[f"{which}_solver"],
+            "tol": opts[f"{which}_tol"],
+            "max_iter": opts[f"{which}_max_iter"],
+            "stop_mode": opts[f"{which}_stop_mode"],
+        }
+        if state["solver"] == "anderson":
+            state.update(m=opts["anderson_m"], lam=opts["anderson_lam"], beta=opts["anderson_beta"],
+                         coefficients=opts["anderson_coefficients"])  # fmt: skip
+        return state
+
+    def _solve(self, f, z0: torch.Tensor, which: str) -> tuple[torch.Tensor, dict]:
+        options = self._state_options(which)
+        solve = anderson_solve if options.pop("solver") == "anderson" else fixed_point_solve
+        return solve(f, z0, **options)
+
+    def _static_operator(self, z: torch.Tensor, physics: nn.Module, AHy: torch.Tensor) -> torch.Tensor:
+        return self._operator(z, physics, AHy, self.alpha, self.gamma)
 
     def fixed_point(
         self, y: torch.Tensor, physics: nn.Module, x0: torch.Tensor | None = None, AHy: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """The fixed point z* = T(z*) (no autograd) and the solver's info; ``x0`` defaults to A^H y."""
+        """The fixed point z* = T(z*) (no autograd) and the solver's info; ``x0`` defaults to A^H y. Solved as the
+        ``execution`` option says (``mbdl_fast.solvers.execution``)."""
         with torch.no_grad():
             if AHy is None:
                 AHy = physics.A_adjoint(y)
             z0 = AHy if x0 is None else x0
+            mode = self.solver_options["execution"]
+            if mode != "eager":
+                opts = self.solver_options
+                chunk = opts["graph_chunk"] or opts["anderson_m"]
+                key = tuple(sorted(opts.items()))
+                solved = solve_in_static_buffers(
+                    self.execution_cache, mode, self._static_operator, physics, AHy, z0, self._state_options("f"),
+                    chunk, key,
+                )  # fmt: skip
+                if solved is not None:
+                    return solved
+            else:
+                self.execution_cache.last_mode = "eager"
             alpha, gamma = self.alpha, self.gamma
             return self._solve(lambda z: self._operator(z, physics, AHy, alpha, gamma), z0.detach(), "f")
 

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.nn.functional import relu
 
+from mbdl_fast._registry import build, config_of, register
 from mbdl_fast._validate import describe, run_unchecked
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.dc import dc_step
 from mbdl_fast.physics.mri import MultiCoilMRI
-from mbdl_fast._registry import build, config_of, register
 from mbdl_fast.solvers.unfolding import (
     _adjoint_measurements,
     _as_module_list,

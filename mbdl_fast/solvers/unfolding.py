@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mbdl_fast._registry import build, config_of, register
 from mbdl_fast._validate import (
     MAX_ITERATIONS,
     check_choice,
@@ -44,7 +45,7 @@ from mbdl_fast.backends import BACKENDS
 from mbdl_fast.dc import _checks_wanted, dc_step
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.prox import prox_l2
-from mbdl_fast._registry import build, config_of, register
+from mbdl_fast.solvers.execution import ExecutionCache, check_execution, unrolled_in_graph
 
 __all__ = ["DeepUnfolding"]
 
@@ -146,10 +147,13 @@ class DeepUnfolding(nn.Module):
             non-reentrant) so training memory does not grow with K. A prior with batch norm in
             training mode updates its running statistics twice per iteration under it.
         dc_backend: backend of ``dc_step`` ("auto", "torch", "triton", "cuda"); PGD only.
+        execution: "eager", "static_buffers" or "cuda_graph": how an inference forward runs
+            (``mbdl_fast.solvers.execution``); also settable as ``model.execution``.
 
     Attributes:
         priors: ``nn.ModuleList`` of 1 (tied) or K (untied) priors.
         gamma: (1,) or (K,) step sizes, a parameter or a buffer.
+        execution_cache: the static-buffer set-up of the non-eager execution modes, and how the last call ran.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class DeepUnfolding(nn.Module):
         learn_gamma: bool = True,
         checkpointing: bool = False,
         dc_backend: str = "auto",
+        execution: str = "eager",
     ) -> None:
         super().__init__()
         self.num_iters = _check_count("num_iters", num_iters)
@@ -185,6 +190,8 @@ class DeepUnfolding(nn.Module):
             self.register_buffer("gamma", gamma)
         self.checkpointing = bool(checkpointing)
         self.dc_backend = check_choice("dc_backend", dc_backend, ("auto", *BACKENDS))
+        self.execution = check_execution(execution)
+        self.execution_cache = ExecutionCache()
 
     def prior(self, k: int) -> nn.Module:
         """D_k: the prior of iteration k (the shared one when tied)."""
@@ -216,11 +223,31 @@ class DeepUnfolding(nn.Module):
             x_K, shaped like A^H y (or like ``x0``).
         """
         _check_solver_inputs(y, x0, physics)
+        if check_execution(self.execution) != "eager":
+            out = unrolled_in_graph(
+                self.execution_cache, self.execution, self, self._unrolled, y, physics, self._eager_reason(x0, physics)
+            )
+            if out is not None:
+                return out
+        else:
+            self.execution_cache.last_mode = "eager"
+        return self._unrolled(y, physics, x0)
+
+    def _unrolled(self, y: torch.Tensor, physics: nn.Module, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """The K iterations from x0 (default A^H y), inputs already checked."""
         ahy = run_unchecked(_adjoint_measurements, physics, y, x0)
         x = ahy if x0 is None else x0
         for k in range(self.num_iters):
             x = _maybe_checkpoint(self.checkpointing, self._iteration, k, x, y, ahy, physics)
         return x
+
+    def _eager_reason(self, x0: torch.Tensor | None, physics: nn.Module) -> str | None:
+        """Why this model's forward cannot replay from static buffers, or None (the physics' own reasons aside)."""
+        if x0 is not None:
+            return "x0 given (graphs start from A^H y)"
+        if self.algorithm == "hqs" and getattr(physics, "coil_maps", None) is not None:
+            return "HQS with coil maps: its prox runs CG, which checks convergence on the host"
+        return None
 
     # -- configs ----------------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
@@ -234,6 +261,7 @@ class DeepUnfolding(nn.Module):
             "learn_gamma": self.learn_gamma,
             "checkpointing": self.checkpointing,
             "dc_backend": self.dc_backend,
+            "execution": self.execution,
         }
 
     @classmethod

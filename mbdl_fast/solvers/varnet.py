@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast._registry import build, config_of, register
 from mbdl_fast._validate import check_complex, check_number, describe
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.fft import fft2c, ifft2c
@@ -39,7 +40,7 @@ from mbdl_fast.physics.mri import MultiCoilMRI
 from mbdl_fast.priors import NormUNet
 from mbdl_fast.priors._common import kwargs_from_config
 from mbdl_fast.priors.base import denoise
-from mbdl_fast._registry import build, config_of, register
+from mbdl_fast.solvers.execution import ExecutionCache, check_execution, unrolled_in_graph
 from mbdl_fast.solvers.unfolding import _check_count, _check_solver_inputs, _maybe_checkpoint, _replicate
 
 __all__ = ["SensitivityModel", "VarNet", "VarNetBlock"]
@@ -219,11 +220,14 @@ class VarNet(nn.Module):
             mapping (y, mask, num_low_frequencies) to maps.
         sens_chans, sens_pools, mask_center: of the default sensitivity network (fastMRI: 8, 4, True).
         output: ``"combined"`` (complex R(k_T)) or ``"rss"`` (fastMRI's magnitude); module docstring.
+        execution: "eager", "static_buffers" or "cuda_graph": how an inference forward runs
+            (``mbdl_fast.solvers.execution``); also settable as ``model.execution``.
 
     Attributes:
         cascades: ``nn.ModuleList`` of T :class:`VarNetBlock` (``.model``, ``.dc_weight``);
         priors: the T cascade priors (a list view of ``cascades[t].model``);
         sens_net: the sensitivity network, or None.
+        execution_cache: the static-buffer set-up of the non-eager execution modes, and how the last call ran.
     """
 
     def __init__(
@@ -239,6 +243,7 @@ class VarNet(nn.Module):
         sens_pools: int = 4,
         mask_center: bool = True,
         output: str = "combined",
+        execution: str = "eager",
     ) -> None:
         super().__init__()
         self.num_cascades = _check_count("num_cascades", num_cascades)
@@ -264,6 +269,8 @@ class VarNet(nn.Module):
         if output not in _OUTPUTS:
             raise ValueError(f"output: expected one of {_OUTPUTS}, got {output!r}")
         self.output = output
+        self.execution = check_execution(execution)
+        self.execution_cache = ExecutionCache()
 
     @property
     def priors(self) -> list[nn.Module]:
@@ -352,7 +359,19 @@ class VarNet(nn.Module):
             physics). ``output="rss"``: real (B, H, W), sqrt(Σ_c |F_c^H k_T,c|²).
         """
         _check_solver_inputs(y, x0, physics)
+        if check_execution(self.execution) != "eager":
+            reason = None
+            if x0 is not None or num_low_frequencies is not None:
+                reason = "x0 or num_low_frequencies given (graphs start from y, the ACS band found from the mask)"
+            out = unrolled_in_graph(self.execution_cache, self.execution, self, self._from_kspace, y, physics, reason)
+            if out is not None:
+                return out
+        else:
+            self.execution_cache.last_mode = "eager"
         return self.reconstruct(self.measured_kspace(y, physics), physics, x0, num_low_frequencies)
+
+    def _from_kspace(self, y: torch.Tensor, physics: nn.Module) -> torch.Tensor:
+        return self.reconstruct(self.measured_kspace(y, physics), physics)
 
     # -- configs ----------------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
@@ -369,6 +388,7 @@ class VarNet(nn.Module):
             "sens_pools": self.sens_pools,
             "mask_center": self.mask_center,
             "output": self.output,
+            "execution": self.execution,
         }
 
     @classmethod
