@@ -137,7 +137,7 @@ def test_dc_step(benchmark, variant, size_name, bench_device, monkeypatch):
         }
     )
     if variant.startswith("cuda_l"):  # which level ran, checked: a silent fallback would mislabel the row
-        from mbdl_fast._extension import cuda_dc_level
+        from mbdl_fast.ops.dc_step import cuda_dc_level
 
         b, c, h, w = size
         dims = phys.transform_dims(h, w) if variant.endswith("_ahy") else (-2, -1)

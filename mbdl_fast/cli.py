@@ -84,7 +84,7 @@ def _info(_: argparse.Namespace) -> int:
     import numpy
 
     import mbdl_fast
-    from mbdl_fast._extension import build_report
+    from mbdl_fast.cuda_extension import build_report
     from mbdl_fast.data import load_brain_slices, load_natural_images
 
     print(f"mbdl_fast {mbdl_fast.__version__} | python {platform.python_version()} | torch {torch.__version__}"

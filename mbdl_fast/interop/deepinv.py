@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbdl_fast.dc import dc_step
+from mbdl_fast.prox import prox_l2
+
 # FusedL2 and DeepinvPhysics subclass deepinv classes, so the module-level __getattr__ builds them on first use.
 __all__ = ["DeepinvDenoiserPrior", "DeepinvPhysics", "FusedL2", "from_deepinv_denoiser", "to_deepinv"]  # noqa: F822
 
@@ -93,15 +96,11 @@ def _classes() -> dict[str, type]:
 
         def prox_l2(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor, **kwargs: Any) -> torch.Tensor:
             """argmin_x gamma/2 ||A x - y||² + 1/2 ||x - z||² through ``mbdl_fast.prox_l2`` (closed forms, fused MRI)."""
-            from mbdl_fast.prox import prox_l2
-
             self.update_parameters(**{k: v for k, v in kwargs.items() if k not in ("use_fft", "verbose")})
             return prox_l2(self.physics, z, y, _as_gamma(gamma, z.shape[0]), backend=self.backend)
 
         def dc_step(self, x: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
             """x - gamma A^H(A x - y) through ``mbdl_fast.dc_step`` (fused for MRI)."""
-            from mbdl_fast.dc import dc_step
-
             return dc_step(self.physics, x, y, _as_gamma(gamma, x.shape[0]), backend=self.backend)
 
         def noise(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -39,6 +39,7 @@ from mbdl_fast._validate import (
     check_operator,
     check_tensor,
     run_unchecked,
+    value_checks_wanted,
 )
 from mbdl_fast.backends import BACKENDS
 from mbdl_fast.dc import dc_step
@@ -104,13 +105,11 @@ def _adjoint_measurements(physics: nn.Module, y: torch.Tensor, x0: torch.Tensor 
 def _check_solver_inputs(y: torch.Tensor, x0: torch.Tensor | None, physics: object) -> None:
     """One NaN/Inf scan per forward (a device sync), so the iterations skip theirs (``run_unchecked``); none inside
     a traced graph (torch.compile, torch.export, a CUDA-graph capture), where it would be a data-dependent branch."""
-    from mbdl_fast.dc import _checks_wanted
-
     check_operator("physics", physics, ("A", "A_adjoint"))
     check_nonempty("y", check_tensor("y", y), "measurements")
     if x0 is not None:
         check_nonempty("x0", check_tensor("x0", x0), "image")
-    if _checks_wanted(True):
+    if value_checks_wanted():
         check_finite("y", y)
         if x0 is not None:
             check_finite("x0", x0)
