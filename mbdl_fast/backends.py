@@ -47,7 +47,7 @@ _TRITON_STATUS: list[BackendStatus] = []  # filled once; a plain list, not lru_c
 def _triton_import_status() -> BackendStatus:
     if not _TRITON_STATUS:
         try:
-            import triton
+            import triton  # optional dependency: its absence is a status with the reason, not an ImportError
 
             _TRITON_STATUS.append(BackendStatus(True, f"triton {triton.__version__}"))
         except Exception as exc:  # ImportError, or a broken install raising anything
@@ -100,9 +100,7 @@ def backends(device: str | torch.device | None = None) -> dict[str, BackendStatu
     return {name: _status(name, device_type) for name in BACKENDS}
 
 
-def resolve_backend(
-    requested: str, device: torch.device, supported: tuple[str, ...], op: str = "this operator"
-) -> str:
+def resolve_backend(requested: str, device: torch.device, supported: tuple[str, ...], op: str = "this operator") -> str:
     """Turn ``requested`` (a backend name or ``auto``) into a backend that can run ``supported`` ops on ``device``.
 
     An explicit request that cannot be honoured is an error with the reason, never a silent fallback.

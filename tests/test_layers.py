@@ -7,13 +7,14 @@ import torch
 from conftest import rel_err
 from torch import nn
 
-from mbdl_fast.layers import FastConv2d, conv2d_fused, conv2d_fused_ref, conv_choices, fast_layers, to_fast
+from mbdl_fast.layers import FastConv2d, conv_choices, fast_layers, to_fast
 from mbdl_fast.ops.choice import clear_conv_choices, set_conv_choice
 from mbdl_fast.ops.conv2d import unsupported_reason
 from mbdl_fast.priors import EDSR, DnCNN
 
 CUDA = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
 
 # ------------------------------------------------------------------------------------------------
 # FastConv2d

@@ -7,11 +7,11 @@ Every kernel check uses fresh random inputs and a poisoned (NaN) output buffer, 
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, require_backend
 
-from mbdl_fast.backends import op_backends, supported_backends
+from mbdl_fast.backends import supported_backends
 from mbdl_fast.layers import FastConv2d
-from mbdl_fast.ops.conv2d import conv2d_fused, conv2d_fused_op, conv2d_fused_ref
+from mbdl_fast.ops.conv2d import conv2d_fused, conv2d_fused_op, conv2d_fused_ref, conv2d_weight_grad_op
 
 # Relative-error bounds (forward, backward) per precision row. In the interpreter TF32 is not
 # emulated (it computes exact fp32) and bf16 products are exact in fp32, so the bounds are the GPU's.
@@ -113,3 +113,23 @@ def test_custom_op_registration_and_compile(device):
     ref.square().sum().backward()
     assert rel_err(out.detach(), ref.detach()) < 1e-5
     assert rel_err(xs.grad, xr.grad) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops, every backend of the table against the reference (exact fp32 and bf16)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("backend", supported_backends("conv2d_fused"))
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"{c[1]}-{c[2]}-k{c[5]}-{c[6]}-res{int(c[7])}")
+def test_every_backend_matches_the_ref(case, backend, precision, device):
+    require_backend("conv2d_fused", backend, device)
+    dtype, tf32, tol_fwd, tol_bwd = PRECISIONS[precision]
+    (x, weight, bias, res, grad), (act, scale) = _case_inputs(case, dtype, device, seed=20 + CASES.index(case))
+    out = conv2d_fused_op(x, weight, bias, res, act, 0.1, scale, tf32, backend)
+    res64 = None if res is None else res.double()
+    ref = conv2d_fused_ref(x.double(), weight.double(), bias.double(), act, res64, 0.1, scale)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out.double(), ref) < tol_fwd
+    gw = conv2d_weight_grad_op(x, grad, weight.shape[-1], tf32, backend)
+    ref_gw = torch.nn.grad.conv2d_weight(x.double(), tuple(weight.shape), grad.double(), padding=weight.shape[-1] // 2)
+    assert gw.dtype == dtype and rel_err(gw.double(), ref_gw) < tol_bwd

@@ -20,9 +20,9 @@ from conftest import load_extension, rel_err
 
 import mbdl_fast
 from mbdl_fast import cuda_extension
+from mbdl_fast.backends import CUDA_LEVEL_ENV, backends, cuda_level
 from mbdl_fast.cuda_extension import cuda_extension_status, level1_status, level2_sizes, level2_status
 from mbdl_fast.ops.dc_step import cuda_dc_level, cuda_dc_level_runs, mri_dc_step_cuda
-from mbdl_fast.backends import CUDA_LEVEL_ENV, backends, cuda_level
 from mbdl_fast.physics.masks import random_mask, variable_density_mask
 from mbdl_fast.physics.mri import MultiCoilMRI
 
@@ -157,7 +157,9 @@ def test_forcing_level2_by_environment(monkeypatch):
         with pytest.raises(RuntimeError, match=r"^MBDL_FAST_CUDA_LEVEL=2: the Level-2 DC step is unavailable: "):
             mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
     # The answer of a build without Level 2, wherever this one has it.
-    monkeypatch.setattr(cuda_extension, "level2_status", lambda: (False, "mbdl_fast._C was built without it (no headers)"))
+    monkeypatch.setattr(
+        cuda_extension, "level2_status", lambda: (False, "mbdl_fast._C was built without it (no headers)")
+    )
     with pytest.raises(RuntimeError, match=r"^MBDL_FAST_CUDA_LEVEL=2: the Level-2 DC step is unavailable: .*built wi"):
         mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
 

@@ -26,6 +26,8 @@ from torch import nn
 from mbdl_fast.layers.conv import FastConv2d
 from mbdl_fast.ops.conv2d import unsupported_reason
 from mbdl_fast.priors._common import check_prior_input
+from mbdl_fast.priors.dncnn import DnCNN
+from mbdl_fast.priors.edsr import EDSR, _ResBlock
 
 _MARK = "_mbdl_fast_converted"
 
@@ -104,9 +106,6 @@ class _Converter:
     def walk(self, module: nn.Module) -> None:
         if getattr(module, _MARK, False):
             return
-        from mbdl_fast.priors.dncnn import DnCNN
-        from mbdl_fast.priors.edsr import EDSR, _ResBlock
-
         if type(module) is EDSR:
             self.edsr(module)
         elif type(module) is _ResBlock:

@@ -26,7 +26,7 @@ def _timing_allowed() -> bool:
 
 
 def _median_ms(fn: Callable[[], Any]) -> float:
-    import triton.testing
+    import triton.testing  # optional dependency: timing runs only where triton (and a GPU) is
 
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 

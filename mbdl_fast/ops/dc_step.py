@@ -40,11 +40,11 @@ import functools
 import torch
 
 from mbdl_fast import cuda_extension
-from mbdl_fast.cuda_extension import check_mask, contiguous, expected, mask_strides, ptr
 from mbdl_fast._validate import describe
 from mbdl_fast.backends import CUDA_LEVEL_ENV, cuda_level, implementation, register, supported_backends
+from mbdl_fast.cuda_extension import check_mask, contiguous, expected, mask_strides, ptr
 from mbdl_fast.fft import fftc, ifftc
-from mbdl_fast.ops.mri_forward import mri_adjoint_ref, mri_forward_op
+from mbdl_fast.ops.mri_forward import coil_combine, coil_expand, mri_adjoint_ref, mri_forward_op, mri_forward_ref
 
 OP = "mri_dc_step"
 
@@ -76,21 +76,20 @@ def mri_dc_step_ref(
     mask: torch.Tensor,
     y: torch.Tensor | None,
     ahy: torch.Tensor | None,
-    gamma: torch.Tensor,
+    gamma: torch.Tensor | float,
     transform_h: bool = True,
     transform_w: bool = True,
 ) -> torch.Tensor:
-    """x - gamma (A^H A x - A^H y) in plain PyTorch (arguments: module docstring): the definition the fused
-    implementations are checked against; the normal operator transforms the axes asked for, A^H y is 2-D."""
-    dims = tuple(d for d, on in ((-2, transform_h), (-1, transform_w)) if on)
-    expanded = x.unsqueeze(1) if coil_maps is None else coil_maps * x.unsqueeze(1)
-    z = ifftc(mask * mask * fftc(expanded, dims), dims)
-    residual = z[:, 0] if coil_maps is None else torch.sum(coil_maps.conj() * z, dim=1)
+    """x - gamma (A^H A x - A^H y) in plain PyTorch (arguments: module docstring; any complex dtype, gamma also a
+    float or any tensor viewable as (B, 1, 1)): the definition the fused implementations are checked against.
+
+    With ``y``, literally x - gamma A^H(A x - y) (2-D FFTs); else the normal operator along the axes asked for."""
+    g = gamma.to(x.real.dtype).reshape(-1, 1, 1) if isinstance(gamma, torch.Tensor) else gamma
     if y is not None:
-        ahy = mri_adjoint_ref(y, coil_maps, mask)
-    if ahy is not None:
-        residual = residual - ahy
-    return x - gamma.to(x.real.dtype).view(-1, 1, 1) * residual
+        return x - g * mri_adjoint_ref(mri_forward_ref(x, coil_maps, mask) - y, coil_maps, mask)
+    dims = tuple(d for d, on in ((-2, transform_h), (-1, transform_w)) if on)
+    normal = coil_combine(ifftc(mask * mask * fftc(coil_expand(x, coil_maps), dims), dims), coil_maps)
+    return x - g * (normal if ahy is None else normal - ahy)
 
 
 def _setup(ctx, inputs, output):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mbdl_fast.backends import implementation, register
-from mbdl_fast.fft import fft2c, ifft2c
+from mbdl_fast.fft import fftc, ifftc
 
 OP = "mri_forward"
 
@@ -31,16 +31,24 @@ def _(x, coil_maps, mask, impl):
     return x.new_empty((x.shape[0], c, x.shape[1], x.shape[2]))
 
 
+def coil_expand(x: torch.Tensor, coil_maps: torch.Tensor | None) -> torch.Tensor:
+    """S ⊙ x: (B, H, W) -> (B, C, H, W)."""
+    return x.unsqueeze(1) if coil_maps is None else coil_maps * x.unsqueeze(1)
+
+
+def coil_combine(z: torch.Tensor, coil_maps: torch.Tensor | None) -> torch.Tensor:
+    """Σ_c conj(S_c) ⊙ z_c: (B, C, H, W) -> (B, H, W)."""
+    return z[:, 0] if coil_maps is None else torch.sum(coil_maps.conj() * z, dim=1)
+
+
 def mri_forward_ref(x: torch.Tensor, coil_maps: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """M ⊙ F_c(S ⊙ x) in plain PyTorch: the definition the fused implementations are checked against."""
-    expanded = x.unsqueeze(1) if coil_maps is None else coil_maps * x.unsqueeze(1)
-    return mask * fft2c(expanded)
+    return mask * fftc(coil_expand(x, coil_maps))
 
 
 def mri_adjoint_ref(y: torch.Tensor, coil_maps: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """A^H y = Σ_c conj(S_c) F_c^H(M ⊙ y_c): (B, C, H, W) -> (B, H, W), plain PyTorch."""
-    z = ifft2c(mask * y)
-    return z[:, 0] if coil_maps is None else torch.sum(coil_maps.conj() * z, dim=1)
+    return coil_combine(ifftc(mask * y), coil_maps)
 
 
 def _setup(ctx, inputs, output):

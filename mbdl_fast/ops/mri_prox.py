@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 
 from mbdl_fast import cuda_extension
-from mbdl_fast.cuda_extension import check_mask, contiguous, expected, mask_strides, ptr
 from mbdl_fast._validate import describe
 from mbdl_fast.backends import implementation, register
+from mbdl_fast.cuda_extension import check_mask, contiguous, expected, mask_strides
 from mbdl_fast.fft import fftc, ifftc
 
 OP = "mri_prox_l2"
@@ -53,10 +53,13 @@ def _(z, mask, y, gamma, impl):
     return z.new_empty(z.shape)  # contiguous, as the inverse FFT's output
 
 
-def mri_prox_l2_ref(z: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor) -> torch.Tensor:
-    """F_c^H [(F_c z + gamma M y) / (1 + gamma M²)] in plain PyTorch: the definition the fused implementations are
-    checked against."""
-    g = gamma.to(z.real.dtype).view(-1, 1, 1, 1)
+def mri_prox_l2_ref(
+    z: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor | float
+) -> torch.Tensor:
+    """F_c^H [(F_c z + gamma M y) / (1 + gamma M²)] in plain PyTorch (arguments: module docstring; any complex dtype,
+    gamma also a float or any tensor viewable as (B, 1, 1, 1)): the definition the fused implementations are checked
+    against."""
+    g = gamma.to(z.real.dtype).reshape(-1, 1, 1, 1) if isinstance(gamma, torch.Tensor) else gamma
     num = fftc(z.unsqueeze(1))
     if y is not None:
         num = num + g * mask * y

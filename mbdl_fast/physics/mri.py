@@ -33,9 +33,10 @@ from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.fft import fftc, ifftc
 from mbdl_fast.linalg import solve_hpd
 from mbdl_fast.ops.dc_step import OP as DC_STEP_OP
-from mbdl_fast.ops.dc_step import mri_dc_step_op
+from mbdl_fast.ops.dc_step import mri_dc_step_op, mri_dc_step_ref
+from mbdl_fast.ops.mri_forward import coil_combine, coil_expand, mri_adjoint_ref, mri_forward_ref
 from mbdl_fast.ops.mri_prox import OP as PROX_OP
-from mbdl_fast.ops.mri_prox import mri_prox_l2_op
+from mbdl_fast.ops.mri_prox import mri_prox_l2_op, mri_prox_l2_ref
 from mbdl_fast.physics.base import LinearPhysics, _gamma_view, dc_step_arguments, prox_l2_arguments
 from mbdl_fast.physics.masks import mask_axes
 
@@ -183,24 +184,16 @@ class MultiCoilMRI(LinearPhysics):
         """Complex k-space (B, C, H, W) in this operator's layout."""
         return to_real_packed(y) if self.layout == "real_packed" else y
 
-    # -- plain PyTorch operators (the reference) ------------------------------------------------
-    def _expand(self, x: torch.Tensor) -> torch.Tensor:
-        """S ⊙ x: (B, H, W) -> (B, C, H, W)."""
-        return x.unsqueeze(1) if self.coil_maps is None else self.coil_maps * x.unsqueeze(1)
-
-    def _combine(self, z: torch.Tensor) -> torch.Tensor:
-        """Σ_c conj(S_c) ⊙ z_c: (B, C, H, W) -> (B, H, W)."""
-        return z[:, 0] if self.coil_maps is None else torch.sum(self.coil_maps.conj() * z, dim=1)
-
+    # -- plain PyTorch operators (the reference): the ops' references on this operator's tensors ---
     def A(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
         """y = M ⊙ F_c(S ⊙ x): (B, H, W) complex -> (B, C, H, W) complex."""
         x, _ = self.image_in("x", x)
-        return self.kspace_out(self.mask_for(x) * fftc(self._expand(x)))
+        return self.kspace_out(mri_forward_ref(x, self.coil_maps, self.mask_for(x)))
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:  # noqa: N802
         """x = Σ_c conj(S_c) F_c^H(M ⊙ y_c): (B, C, H, W) complex -> (B, H, W) complex."""
         y = self.kspace_in("y", y)
-        return self.image_out(self._combine(ifftc(self.mask_for(y) * y)), False)
+        return self.image_out(mri_adjoint_ref(y, self.coil_maps, self.mask_for(y)), False)
 
     def A_adjoint_A(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
         """A^H A x = Σ_c conj(S_c) F^H M² F (S_c x), transforming only the axes the mask varies along."""
@@ -208,7 +201,8 @@ class MultiCoilMRI(LinearPhysics):
         dims = self.transform_dims(x.shape[-2], x.shape[-1])
         m = self.mask_for(x)
         m2 = m if self.mask_is_binary() else m * m
-        return self.image_out(self._combine(ifftc(m2 * fftc(self._expand(x), dims), dims)), channel)
+        normal = coil_combine(ifftc(m2 * fftc(coil_expand(x, self.coil_maps), dims), dims), self.coil_maps)
+        return self.image_out(normal, channel)
 
     def mask_is_binary(self) -> bool:
         """True when every mask entry is 0 or 1 (then M² = M); a host synchronisation."""
@@ -218,9 +212,7 @@ class MultiCoilMRI(LinearPhysics):
         """x - gamma A^H(A x - y), literally (2-D FFTs): the definition the fast paths are checked against."""
         x, channel = self.image_in("x", x)
         y = self.kspace_in("y", y, x)
-        m = self.mask_for(x)
-        residual = m * fftc(self._expand(x)) - y
-        out = x - _gamma_view(gamma, x) * self._combine(ifftc(m * residual))
+        out = mri_dc_step_ref(x, self.coil_maps, self.mask_for(x), y, None, _gamma_view(gamma, x))
         return self.image_out(out, channel)
 
     def dc_step(
@@ -312,7 +304,9 @@ class MultiCoilMRI(LinearPhysics):
         coil_maps = self._contiguous_maps()
         dims = self.transform_dims(*img.shape[-2:])
         th, tw = -2 in dims, -1 in dims
-        rhs = img + mri_dc_step_op(torch.zeros_like(img), coil_maps, mask, ky.contiguous(), None, g, True, True, backend)
+        rhs = img + mri_dc_step_op(
+            torch.zeros_like(img), coil_maps, mask, ky.contiguous(), None, g, True, True, backend
+        )
         minus_g = -g
 
         def normal(v: torch.Tensor) -> torch.Tensor:  # (I + gamma A^H A) v = dc_step(v, y = 0, -gamma)
@@ -336,7 +330,9 @@ class MultiCoilMRI(LinearPhysics):
     def _operator_refusal(self, backend: str) -> Exception | None:
         for arg, t in (("coil_maps", self.coil_maps), ("mask", self.mask)):
             if t is not None and t.requires_grad:
-                return ValueError(f"{arg}: backend {backend!r} does not differentiate the operator; use backend='torch'")
+                return ValueError(
+                    f"{arg}: backend {backend!r} does not differentiate the operator; use backend='torch'"
+                )
         return None
 
     def _fused_refusal(self, img: torch.Tensor, ky: torch.Tensor, backend: str) -> Exception | None:
@@ -358,9 +354,7 @@ class MultiCoilMRI(LinearPhysics):
             return super().prox_l2_reference(z, y, gamma)
         z_img, channel = self.image_in("z", z)
         y = self.kspace_in("y", y, z_img)
-        g = _gamma_view(gamma, y)
-        m = self.mask_for(z_img)
-        x = ifftc((fftc(z_img.unsqueeze(1)) + g * m * y) / (1 + g * m * m))[:, 0]
+        x = mri_prox_l2_ref(z_img, self.mask_for(z_img), y, _gamma_view(gamma, y))
         return self.image_out(x, channel)
 
 

@@ -35,6 +35,9 @@ from torch import nn
 from mbdl_fast._validate import check_complex, check_number, describe
 from mbdl_fast.complex import from_real_packed, to_real_packed
 from mbdl_fast.fft import fft2c, ifft2c
+from mbdl_fast.physics.mri import MultiCoilMRI
+from mbdl_fast.priors import NormUNet
+from mbdl_fast.priors._common import kwargs_from_config
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.registry import build, config_of, register
 from mbdl_fast.solvers.unfolding import _check_count, _check_solver_inputs, _maybe_checkpoint, _replicate
@@ -45,13 +48,6 @@ _OUTPUTS = ("combined", "rss")
 
 
 def _norm_unet(**kwargs: Any) -> nn.Module:
-    try:
-        from mbdl_fast.priors import NormUNet
-    except ImportError as exc:  # the priors package may be absent in a partial install
-        raise ImportError(
-            f"VarNet: the default prior mbdl_fast.priors.NormUNet is not available ({exc}); "
-            "pass priors=... (any registered module mapping (B, 2, H, W) to (B, 2, H, W))"
-        ) from exc
     return NormUNet(in_channels=2, out_channels=2, **kwargs)
 
 
@@ -184,8 +180,6 @@ class SensitivityModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SensitivityModel:
-        from mbdl_fast.priors._common import kwargs_from_config
-
         return cls(**kwargs_from_config(cls, config))
 
     def extra_repr(self) -> str:
@@ -290,8 +284,6 @@ class VarNet(nn.Module):
         that ``A x`` = M F_c(S x) of the output x can be compared with ``y`` when the true maps are unknown
         (self-supervised fine-tuning; ``physics`` may then be a single-coil ``MRI(mask)``).
         """
-        from mbdl_fast.physics.mri import MultiCoilMRI
-
         if self.sens_net is None:
             return physics
         maps = self.coil_maps(self.measured_kspace(y, physics), physics, num_low_frequencies)
@@ -303,8 +295,6 @@ class VarNet(nn.Module):
     def measured_kspace(self, y: torch.Tensor, physics: nn.Module) -> torch.Tensor:
         """``y`` checked against ``physics`` and as complex (B, C, H, W). With a sensitivity network any
         number of coils is accepted (the physics' maps, if any, are not used)."""
-        from mbdl_fast.physics.mri import MultiCoilMRI
-
         if not isinstance(physics, MultiCoilMRI):
             raise TypeError(f"physics: VarNet expects MultiCoilMRI or MRI, got {type(physics).__name__}")
         if self.sens_net is None or physics.coil_maps is not None:
