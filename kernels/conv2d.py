@@ -154,16 +154,7 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def conv2d_fused_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: str,
-    slope: float,
-    scale: float,
-    allow_tf32: bool,
-    out: torch.Tensor | None = None,
-    block_m: int | None = None,
+    x, weight, bias, residual, activation, slope, scale, allow_tf32, out: torch.Tensor | None = None, block_m=None
 ) -> torch.Tensor:
     """scale * act(conv2d(x, weight, padding=k//2) + bias) + residual, returned channels_last.
 

@@ -208,16 +208,7 @@ def _expand_fft(x: torch.Tensor, coil_maps: torch.Tensor | None, num_coils: int,
     return torch.fft.fftn(z, dim=dims, norm="backward").contiguous(), (mode_h, mode_w), grid, block
 
 
-def mri_dc_step_triton(
-    x: torch.Tensor,
-    coil_maps: torch.Tensor | None,
-    mask: torch.Tensor,
-    y: torch.Tensor | None,
-    ahy: torch.Tensor | None,
-    gamma: torch.Tensor,
-    transform_h: bool,
-    transform_w: bool,
-) -> torch.Tensor:
+def mri_dc_step_triton(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w) -> torch.Tensor:
     """The ``triton`` implementation of ``mbdl_fast.ops.dc_step.mri_dc_step_op`` (its docstring: the arguments):
     x - gamma (A^H A x - A^H y) with A^H y from ``y`` (both axes transformed) or given as ``ahy``."""
     dims = tuple(d for d, on in ((-2, transform_h), (-1, transform_w)) if on)

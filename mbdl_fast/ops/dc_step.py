@@ -70,18 +70,9 @@ def _(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w, impl):
     return torch.empty_like(x)
 
 
-def mri_dc_step_ref(
-    x: torch.Tensor,
-    coil_maps: torch.Tensor | None,
-    mask: torch.Tensor,
-    y: torch.Tensor | None,
-    ahy: torch.Tensor | None,
-    gamma: torch.Tensor | float,
-    transform_h: bool = True,
-    transform_w: bool = True,
-) -> torch.Tensor:
-    """x - gamma (A^H A x - A^H y) in plain PyTorch (arguments: module docstring; any complex dtype, gamma also a
-    float or any tensor viewable as (B, 1, 1)): the definition the fused implementations are checked against.
+def mri_dc_step_ref(x, coil_maps, mask, y, ahy, gamma, transform_h=True, transform_w=True) -> torch.Tensor:
+    """x - gamma (A^H A x - A^H y) in plain PyTorch (arguments: :func:`mri_dc_step_op`; any complex dtype, gamma also
+    a float or any tensor viewable as (B, 1, 1)): the definition the fused implementations are checked against.
 
     With ``y``, literally x - gamma A^H(A x - y) (2-D FFTs); else the normal operator along the axes asked for."""
     g = gamma.to(x.real.dtype).reshape(-1, 1, 1) if isinstance(gamma, torch.Tensor) else gamma
@@ -226,25 +217,13 @@ def cuda_dc_level(
 
 
 def mri_dc_step_cuda(
-    x: torch.Tensor,
-    coil_maps: torch.Tensor | None,
-    mask: torch.Tensor,
-    y: torch.Tensor | None,
-    ahy: torch.Tensor | None,
-    gamma: torch.Tensor,
-    transform_h: bool = True,
-    transform_w: bool = True,
-    callbacks: bool = True,
-    level: str | int | None = None,
+    x, coil_maps, mask, y, ahy, gamma, transform_h=True, transform_w=True, callbacks: bool = True, level=None
 ) -> torch.Tensor:
     """The ``cuda`` implementation of :func:`mri_dc_step_op` (no autograd: the op's): the extension's Level-1 or Level-2
     step; which one, :func:`cuda_dc_level` decides from ``level`` (else ``MBDL_FAST_CUDA_LEVEL``, else auto).
 
-    x: contiguous complex64 (B, H, W) on cuda; coil_maps: None (one coil) or contiguous complex64 (B|1, C, H, W);
-    mask: float32 (B|1, 1, H|1, W|1), any strides, constant along an axis that is not transformed; y: None or
-    contiguous complex64 (B, C, H, W) (then both axes are transformed); ahy: None or contiguous complex64
-    (B, H, W) (A^H y, precomputed); gamma: contiguous float32 (B,). With neither y nor ahy, A^H y = 0.
-    Runs on torch's current stream. The maths, step by step: csrc/dc_step/dc_common.h. callbacks=False (for tests and
+    The arguments of :func:`mri_dc_step_op`, contiguous on one CUDA device (the mask in any strides); each one that
+    is not what the kernels take is a ValueError naming it. Runs on torch's current stream. The maths, step by step: csrc/dc_step/dc_common.h. callbacks=False (for tests and
     comparisons) runs the callbacks' maths as separate kernels around plain cuFFT plans, as the step does by itself
     where cuFFT cannot make callback plans (``mbdl_fast._C.dc_step_plans()`` says which and why); it is a Level-1
     option, so auto picks Level 1 with it. Level 2's passes and the bytes they move: csrc/dc_step/dc_level2.h.
