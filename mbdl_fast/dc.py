@@ -2,7 +2,7 @@
 
 The front door: it asks the operator (``physics.dc_step``). Cartesian MRI runs the fused op
 ``mbdl_fast.ops.dc_step`` on the ``triton`` and ``cuda`` backends; the other operators run their plain-PyTorch
-``dc_step_reference``.
+``dc_step_reference``. An operator with deepinv's names only (no ``dc_step``) gets the generic step.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mbdl_fast._validate import check_operator
+from mbdl_fast.physics.base import generic_dc_step
 
 
 def dc_step(
@@ -34,5 +35,8 @@ def dc_step(
             Cartesian-line mask the step then transforms along the sampled axis only.
         check_inputs: refuse NaN/Inf in x, y, AHy and gamma (a GPU synchronisation; solvers check once per solve).
     """
-    check_operator("physics", physics, ("A", "A_adjoint", "A_adjoint_A", "dc_step"))
-    return physics.dc_step(x, y, gamma, backend=backend, AHy=AHy, check_inputs=check_inputs)
+    check_operator("physics", physics, ("A", "A_adjoint", "A_adjoint_A"))
+    own = getattr(physics, "dc_step", None)
+    if own is None:
+        return generic_dc_step(physics, x, y, gamma, backend, AHy, check_inputs)
+    return own(x, y, gamma, backend=backend, AHy=AHy, check_inputs=check_inputs)

@@ -37,7 +37,7 @@ from mbdl_fast.ops.dc_step import mri_dc_step_op, mri_dc_step_ref
 from mbdl_fast.ops.mri_forward import coil_combine, coil_expand, mri_adjoint_ref, mri_forward_ref
 from mbdl_fast.ops.mri_prox import OP as PROX_OP
 from mbdl_fast.ops.mri_prox import mri_prox_l2_op, mri_prox_l2_ref
-from mbdl_fast.physics.base import LinearPhysics, _gamma_view, dc_step_arguments, prox_l2_arguments
+from mbdl_fast.physics.base import LinearPhysics, _gamma_view, dc_step_arguments, dc_step_torch, prox_l2_arguments
 from mbdl_fast.physics.masks import mask_axes
 
 _LAYOUTS = ("complex", "real_packed")
@@ -242,7 +242,7 @@ class MultiCoilMRI(LinearPhysics):
             ahy, _ = self.image_in("AHy", ahy_in)
         if backend == "torch":
             # The operator's own methods, on the arguments in its layout (complex or real-packed), as given.
-            return self._dc_step_torch(x, y_in, gamma, ahy_in)
+            return dc_step_torch(self, x, y_in, gamma, ahy_in)
         if img.dtype != torch.complex64:
             raise TypeError(f"x: backend {backend!r} expects complex64 (B, H, W), got {describe(img)}")
         self._check_fused_operator(backend)
