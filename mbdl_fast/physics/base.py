@@ -35,6 +35,41 @@ from mbdl_fast.backends import resolve_backend, resolve_op
 from mbdl_fast.linalg import solve_hpd
 
 
+def generic_dc_step(
+    physics: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gamma: float | torch.Tensor,
+    backend: str = "auto",
+    AHy: torch.Tensor | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """x - gamma A^H(A x - y) by ``backend`` ("torch" only; see ``mbdl_fast.dc_step`` for the arguments):
+    ``physics.dc_step_reference``, or with ``AHy`` (A^H y precomputed, shaped like x; then ``y`` may be None)
+    x - gamma (A^H A x - AHy). ``LinearPhysics.dc_step``, and the step of any operator with deepinv's names only."""
+    dc_step_arguments(x, y, gamma, AHy, backend, None, check_inputs)
+    return run_unchecked(dc_step_torch, physics, x, y, gamma, AHy)
+
+
+def dc_step_torch(
+    physics: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gamma: float | torch.Tensor,
+    ahy: torch.Tensor | None,
+) -> torch.Tensor:
+    """The plain-PyTorch step, arguments checked: ``physics.dc_step_reference``, or x - gamma (A^H A x - AHy)."""
+    if ahy is None:
+        check_operator("physics", physics, ("dc_step_reference",))
+        return physics.dc_step_reference(x, y, gamma)
+    normal = physics.A_adjoint_A(x)  # checks x against the operator
+    if ahy.dtype != x.dtype or ahy.shape != x.shape:
+        dtype = str(x.dtype).replace("torch.", "")
+        raise ValueError(f"AHy: expected {dtype} {tuple(x.shape)} like x (A^H y), got {describe(ahy)}")
+    check_same_device([("x", x), ("AHy", ahy)])
+    return x - _gamma_view(gamma, x) * (normal - ahy)
+
+
 class LinearPhysics(torch.nn.Module):
     """Base class of the linear measurement operators. Subclasses implement ``A`` and ``A_adjoint``.
 
@@ -69,19 +104,9 @@ class LinearPhysics(torch.nn.Module):
         """x - gamma * A^H(A x - y), in plain PyTorch: the definition every fast path is checked against."""
         return x - _gamma_view(gamma, x) * self.A_adjoint(self.A(x) - y)
 
-    def dc_step(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
-        gamma: float | torch.Tensor,
-        backend: str = "auto",
-        AHy: torch.Tensor | None = None,
-        check_inputs: bool = True,
-    ) -> torch.Tensor:
-        """x - gamma * A^H(A x - y) by ``backend`` (here "torch" only; see ``mbdl_fast.dc_step`` for the arguments):
-        :meth:`dc_step_reference`, or with ``AHy`` (A^H y precomputed, shaped like x; then ``y`` may be None)
-        x - gamma (A^H A x - AHy)."""
-        return generic_dc_step(self, x, y, gamma, backend, AHy, check_inputs)
+    # x - gamma A^H(A x - y) by "torch": dc_step_reference, or with AHy x - gamma (A^H A x - AHy) (generic_dc_step);
+    # an operator with a fused op overrides it.
+    dc_step = generic_dc_step
 
     def prox_l2(
         self,
@@ -133,40 +158,6 @@ def _gamma_view(gamma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor | 
     if isinstance(gamma, torch.Tensor) and gamma.dim() == 1:
         return gamma.view((-1,) + (1,) * (x.dim() - 1))
     return gamma
-
-
-def generic_dc_step(
-    physics: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    gamma: float | torch.Tensor,
-    backend: str = "auto",
-    AHy: torch.Tensor | None = None,
-    check_inputs: bool = True,
-) -> torch.Tensor:
-    """:meth:`LinearPhysics.dc_step` for any operator with deepinv's names (``A_adjoint_A``, and ``dc_step_reference``
-    when no ``AHy`` is given), "torch" only."""
-    dc_step_arguments(x, y, gamma, AHy, backend, None, check_inputs)
-    return run_unchecked(dc_step_torch, physics, x, y, gamma, AHy)
-
-
-def dc_step_torch(
-    physics: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    gamma: float | torch.Tensor,
-    ahy: torch.Tensor | None,
-) -> torch.Tensor:
-    """The plain-PyTorch step, arguments checked: ``physics.dc_step_reference``, or x - gamma (A^H A x - AHy)."""
-    if ahy is None:
-        check_operator("physics", physics, ("dc_step_reference",))
-        return physics.dc_step_reference(x, y, gamma)
-    normal = physics.A_adjoint_A(x)  # checks x against the operator
-    if ahy.dtype != x.dtype or ahy.shape != x.shape:
-        dtype = str(x.dtype).replace("torch.", "")
-        raise ValueError(f"AHy: expected {dtype} {tuple(x.shape)} like x (A^H y), got {describe(ahy)}")
-    check_same_device([("x", x), ("AHy", ahy)])
-    return x - _gamma_view(gamma, x) * (normal - ahy)
 
 
 def _resolve(backend: str, device: torch.device, op: str | None) -> str:
