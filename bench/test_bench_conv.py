@@ -23,7 +23,7 @@ import torch
 from conftest import device_name, sync
 
 from mbdl_fast.layers import FastConv2d, conv_choices
-from mbdl_fast.layers.functional import conv2d_fused_op, conv2d_fused_ref
+from mbdl_fast.ops.conv2d import conv2d_fused_op, conv2d_fused_ref
 
 # name: (c_in, c_out, k, activation, residual)
 LAYERS = {

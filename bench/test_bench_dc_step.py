@@ -6,10 +6,10 @@ Variants:
 - ``torch_ahy``: ours with A^H y precomputed, so a column mask needs the 1-D transform only;
 - ``torch_compile``: the reference under ``torch.compile`` (inductor);
 - ``triton``, ``triton_ahy``: the fused kernels (GPU only; the CPU interpreter is for tests);
-- ``cuda_l1``, ``cuda_l1_ahy``: the compiled Level-1 step, cuFFT with LTO callbacks (csrc/dc_step.cu; GPU only),
+- ``cuda_l1``, ``cuda_l1_ahy``: the compiled Level-1 step, cuFFT with LTO callbacks (csrc/dc_step/dc_step.cu; GPU only),
   y given (2-D transforms) or A^H y given (1-D transforms along the mask's axis);
 - ``cuda_l2``, ``cuda_l2_ahy``: the compiled Level-2 step, cuFFTDx row/column passes with everything else fused
-  (csrc/dc_fftdx.cu; GPU only; both sizes here have Level-2 lengths): y given (three passes), A^H y given (one);
+  (csrc/dc_step/dc_fftdx.cu; GPU only; both sizes here have Level-2 lengths): y given (three passes), A^H y given (one);
 - ``copy``: a device-to-device copy of as many bytes as the y-given step must move at least: the bandwidth
   reference the ``floor_gbps`` of every row compares with.
 The cuda rows force their level (``MBDL_FAST_CUDA_LEVEL``): the backend's auto choice would take Level 2 here.
@@ -137,7 +137,7 @@ def test_dc_step(benchmark, variant, size_name, bench_device, monkeypatch):
         }
     )
     if variant.startswith("cuda_l"):  # which level ran, checked: a silent fallback would mislabel the row
-        from mbdl_fast._extension import cuda_dc_level
+        from mbdl_fast.ops.dc_step import cuda_dc_level
 
         b, c, h, w = size
         dims = phys.transform_dims(h, w) if variant.endswith("_ahy") else (-2, -1)

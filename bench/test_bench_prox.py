@@ -3,7 +3,7 @@
 Sizes (B x C x H x W):
 - ``1x1x256x256``: single coil (no coil maps), the closed form F_c^H [(F_c z + gamma M y) / (1 + gamma M²)]: torch
   (the reference: centring signs, FFT, division, inverse FFT, signs) vs the fused backends (FFT of z, one k-space
-  pass, inverse FFT writing x: kernels/mri_prox.py, csrc/kspace_prox.cu);
+  pass, inverse FFT writing x: kernels/mri_prox.py, csrc/mri_prox/kspace_prox.cu);
 - ``8x15x320x320``: multi-coil, CG on (I + gamma A^H A) with a fixed number of iterations (``cg_tol=0``,
   ``CG_ITERATIONS``), so that every backend does the same work: the fused DC step of the backend with y = 0 as the
   normal operator (1-D transforms for the column mask).

@@ -11,9 +11,9 @@ as an implicit GEMM: M = N·H·W pixels, N_gemm = C_out, K = k·k·C_in. A progr
 pixels and BLOCK_N output channels; it walks the k·k taps and the C_in chunks of each tap (one
 ``tl.dot`` each, fp32 accumulation; TF32 or exact fp32 for float32 inputs by ``PRECISION``;
 bf16/fp16 inputs natively), then applies bias, activation, scale and residual before its one store.
-``conv2d_fused_ref`` (``mbdl_fast.layers.functional``, plain PyTorch) is what it computes.
+``conv2d_fused_ref`` (``mbdl_fast.ops.conv2d``, plain PyTorch) is what it computes.
 
-Backward (``mbdl_fast.layers.functional`` ties it together):
+Backward (``mbdl_fast.ops.conv2d`` ties it together):
 
     grad_z = scale · g · act'(z)
     grad_x = conv2d(grad_z, flip(weight)ᵀ)                  (this forward kernel again: padding k//2 is "same")
@@ -23,7 +23,7 @@ The weight-gradient kernel splits the pixel reduction into chunks (one partial p
 summed after), so every loop bound is a constexpr: the interpreter (numpy 2) refuses loops over
 runtime integers, and constexpr trip counts let the GPU compiler pipeline the loads.
 
-Channel counts up to 128 are supported, any value (masked); multiples of 8 (what
+Channel counts up to 128 (``mbdl_fast.ops.conv2d.MAX_CHANNELS``) are supported, any value (masked); multiples of 8 (what
 ``mbdl_fast.prune.prune_channels`` produces) fill tensor-core tiles without waste.
 """
 
@@ -32,11 +32,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from mbdl_fast.layers.functional import (
-    MAX_CHANNELS,
-    conv2d_fused_ref,  # noqa: F401  (the reference, beside its kernel)
-)
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}  # the kernel's ACT constexpr
 
@@ -143,7 +138,7 @@ def _conv2d_wgrad_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers. Shapes and dtypes are checked by the caller (mbdl_fast.layers.functional).
+# Launchers. Shapes and dtypes are checked by the caller (mbdl_fast.ops.conv2d).
 # ------------------------------------------------------------------------------------------------
 def _interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
@@ -159,16 +154,7 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def conv2d_fused_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: str,
-    slope: float,
-    scale: float,
-    allow_tf32: bool,
-    out: torch.Tensor | None = None,
-    block_m: int | None = None,
+    x, weight, bias, residual, activation, slope, scale, allow_tf32, out: torch.Tensor | None = None, block_m=None
 ) -> torch.Tensor:
     """scale * act(conv2d(x, weight, padding=k//2) + bias) + residual, returned channels_last.
 
@@ -187,7 +173,7 @@ def conv2d_fused_triton(
     res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
     pixels = n * h * w
     interpreted = _interpreted(x.device)
-    block_n = _pow2_tile(c_out, 16, MAX_CHANNELS)
+    block_n = max(16, triton.next_power_of_2(c_out))  # C_out <= 128 (the caller's check): one tile, every channel
     block_k = _pow2_tile(c_in, 16, 64)
     # The interpreter runs one Python call per program: one big tile keeps it quick.
     if block_m is None:

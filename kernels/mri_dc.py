@@ -172,7 +172,7 @@ def _coil_combine_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers. Arguments are checked by the caller (mbdl_fast.dc); here they are contiguous complex64.
+# Launchers. Arguments are checked by the caller (the physics); here they are contiguous complex64.
 # ------------------------------------------------------------------------------------------------
 def _block(device: torch.device) -> int:
     # The interpreter runs one Python call per program: big blocks keep it tolerable.
@@ -208,20 +208,10 @@ def _expand_fft(x: torch.Tensor, coil_maps: torch.Tensor | None, num_coils: int,
     return torch.fft.fftn(z, dim=dims, norm="backward").contiguous(), (mode_h, mode_w), grid, block
 
 
-def mri_dc_step_triton(
-    x: torch.Tensor,
-    coil_maps: torch.Tensor | None,
-    mask: torch.Tensor,
-    y: torch.Tensor | None,
-    ahy: torch.Tensor | None,
-    gamma: torch.Tensor,
-    dims: tuple[int, ...],
-) -> torch.Tensor:
-    """x - gamma (A^H A x - A^H y) with A^H y from ``y`` (2-D ``dims``) or given as ``ahy``.
-
-    x, ahy: (B, H, W) complex64; coil_maps (B|1, C, H, W) complex64 or None; mask float32
-    (B|1, 1, H|1, W|1); y (B, C, H, W) complex64 or None; gamma float32 (B,).
-    """
+def mri_dc_step_triton(x, coil_maps, mask, y, ahy, gamma, transform_h, transform_w) -> torch.Tensor:
+    """The ``triton`` implementation of ``mbdl_fast.ops.dc_step.mri_dc_step_op`` (its docstring: the arguments):
+    x - gamma (A^H A x - A^H y) with A^H y from ``y`` (both axes transformed) or given as ``ahy``."""
+    dims = tuple(d for d, on in ((-2, transform_h), (-1, transform_w)) if on)
     b, h, w = x.shape
     num_coils = 1 if coil_maps is None else coil_maps.shape[1]
     z, (mode_h, mode_w), grid, block = _expand_fft(x, coil_maps, num_coils, dims)
@@ -248,7 +238,8 @@ def mri_dc_step_triton(
 
 
 def mri_forward_triton(x: torch.Tensor, coil_maps: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-    """A x = M ⊙ F_c(S ⊙ x): (B, H, W) complex64 -> (B, C, H, W) complex64, 2-D transform."""
+    """The ``triton`` implementation of ``mbdl_fast.ops.mri_forward.mri_forward_op``: A x = M ⊙ F_c(S ⊙ x),
+    (B, H, W) complex64 -> (B, C, H, W) complex64, 2-D transform."""
     b, h, w = x.shape
     num_coils = 1 if coil_maps is None else coil_maps.shape[1]
     dims = (-2, -1)

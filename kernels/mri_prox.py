@@ -11,7 +11,7 @@ the z term, so with Z = F(z) (unnormalised) and k' = (k + a) mod N:
     iFFT    : x = F⁻¹(W), unnormalised                                            (torch.fft, writes x once)
 
 φ is (-1)^k on an even axis (the sign flip of ``mbdl_fast.fft``) and a twiddle on an odd one; only y and the mask are
-read rolled. No pass over the image before or after the FFTs. The CUDA twin is csrc/kspace_prox.cu.
+read rolled. No pass over the image before or after the FFTs. The CUDA twin is csrc/mri_prox/kspace_prox.cu.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _kspace_prox_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers. Arguments are checked by the caller (mbdl_fast.prox); here they are contiguous complex64.
+# Launchers. Arguments are checked by the caller (the physics); here they are contiguous complex64.
 # ------------------------------------------------------------------------------------------------
 def kspace_prox_triton(z_k: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor) -> None:
     """In place on z_k = F(z) (B, H, W) complex64, unnormalised: the prox's k-space step (module docstring).
@@ -88,11 +88,8 @@ def kspace_prox_triton(z_k: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | 
 def mri_prox_l2_triton(
     z: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor
 ) -> torch.Tensor:
-    """Single-coil prox F_c^H [(F_c z + g M y) / (1 + g M²)]: FFT, one fused k-space pass, inverse FFT.
-
-    z: contiguous complex64 (B, H, W); mask float32 (B|1, 1, H|1, W|1); y: contiguous complex64 (B, 1, H, W) or None;
-    gamma: float32 (B,).
-    """
+    """The ``triton`` implementation of ``mbdl_fast.ops.mri_prox.mri_prox_l2_op`` (its docstring: the arguments):
+    F_c^H [(F_c z + g M y) / (1 + g M²)] as FFT, one fused k-space pass, inverse FFT."""
     z_k = torch.fft.fft2(z, norm="backward").contiguous()
     kspace_prox_triton(z_k, mask, y, gamma)
     return torch.fft.ifft2(z_k, norm="forward")

@@ -1,7 +1,7 @@
 """What to install for each part of the CUDA extension a build can leave out.
 
 Plain data, no imports: setup.py reads this file directly (torch is absent from pip's isolated build), and
-``mbdl-fast info`` prints the same lines through :func:`mbdl_fast._extension.build_report`.
+``mbdl-fast info`` prints the same lines through :func:`mbdl_fast.cuda_extension.build_report`.
 """
 
 EXTENSION = "install the CUDA toolkit (nvcc) and cmake, then reinstall: MBDL_FAST_CUDA=1 pip install ."

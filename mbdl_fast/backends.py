@@ -9,14 +9,22 @@ Backends:
   shipped lengths only); :func:`cuda_level` says which is asked for (``MBDL_FAST_CUDA_LEVEL=auto|1|2``).
 
 ``auto`` picks, for the tensor's device, the fastest available backend that the operator supports.
+
+The backend table: each fused op (``mbdl_fast.ops``) registers here, per backend, the function that implements it
+(:func:`register`); a custom op runs ``implementation(op, impl)(...)`` and a caller resolves ``auto`` with
+:func:`resolve_op`. :func:`op_backends` says, for one op and device, which backends can run it and why not.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from mbdl_fast import cuda_extension
 
 BACKENDS = ("torch", "triton", "cuda")
 CUDA_LEVELS = ("auto", "1", "2")
@@ -39,7 +47,7 @@ _TRITON_STATUS: list[BackendStatus] = []  # filled once; a plain list, not lru_c
 def _triton_import_status() -> BackendStatus:
     if not _TRITON_STATUS:
         try:
-            import triton
+            import triton  # optional dependency: its absence is a status with the reason, not an ImportError
 
             _TRITON_STATUS.append(BackendStatus(True, f"triton {triton.__version__}"))
         except Exception as exc:  # ImportError, or a broken install raising anything
@@ -52,9 +60,7 @@ def _triton_import_status() -> BackendStatus:
 def _cuda_extension_status() -> tuple[bool, str]:
     """The extension's answer, a constant to torch.compile: it imports a module and asks the driver, which dynamo
     cannot trace (fullgraph=True would fail on it)."""
-    from mbdl_fast._extension import cuda_extension_status
-
-    return cuda_extension_status()
+    return cuda_extension.cuda_extension_status()
 
 
 def triton_interpreter() -> bool:
@@ -94,7 +100,7 @@ def backends(device: str | torch.device | None = None) -> dict[str, BackendStatu
     return {name: _status(name, device_type) for name in BACKENDS}
 
 
-def resolve_backend(requested: str, device: torch.device, supported: tuple[str, ...]) -> str:
+def resolve_backend(requested: str, device: torch.device, supported: tuple[str, ...], op: str = "this operator") -> str:
     """Turn ``requested`` (a backend name or ``auto``) into a backend that can run ``supported`` ops on ``device``.
 
     An explicit request that cannot be honoured is an error with the reason, never a silent fallback.
@@ -107,7 +113,7 @@ def resolve_backend(requested: str, device: torch.device, supported: tuple[str, 
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {requested!r}")
     if requested not in supported:
-        raise ValueError(f"backend: {requested!r} is not implemented for this operator; supported: {supported}")
+        raise ValueError(f"backend: {requested!r} is not implemented for {op}; supported: {supported}")
     status = _status(requested, device.type)
     if not status.available:
         raise RuntimeError(f"backend: {requested!r} is unavailable on {device}: {status.reason}")
@@ -120,7 +126,7 @@ def cuda_level(requested: str | int | None = None) -> str:
     ``requested`` (a keyword of the internal call) wins; else the environment variable ``MBDL_FAST_CUDA_LEVEL``;
     else ``"auto"``: Level 2 (cuFFTDx) where every transformed axis has a Level-2 length and the GPU is sm_80 or
     newer, Level 1 (cuFFT with LTO callbacks) elsewhere. ``"2"`` on sizes without a Level-2 path is a ValueError
-    (mbdl_fast._extension.cuda_dc_level), never a silent fallback.
+    (mbdl_fast.ops.dc_step.cuda_dc_level), never a silent fallback.
     """
     source = "level" if requested is not None else CUDA_LEVEL_ENV
     value = requested if requested is not None else os.environ.get(CUDA_LEVEL_ENV, "auto")
@@ -128,3 +134,51 @@ def cuda_level(requested: str | int | None = None) -> str:
     if text not in CUDA_LEVELS:
         raise ValueError(f"{source}: expected one of {', '.join(CUDA_LEVELS)}, got {value!r}")
     return text
+
+
+# ------------------------------------------------------------------------------------------------
+# The backend table: op name -> backend -> implementation
+# ------------------------------------------------------------------------------------------------
+# An implementation is a callable, or "module:function" for one that needs an optional dependency (the Triton
+# kernels import triton): loaded on first use, so that registering it imports nothing.
+_TABLE: dict[str, dict[str, Callable | str]] = {}
+
+
+def register(op: str, backend: str, implementation: Callable | str) -> None:
+    """Make ``implementation`` the ``backend`` implementation of ``op`` (each op module registers its own)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    _TABLE.setdefault(op, {})[backend] = implementation
+
+
+def supported_backends(op: str) -> tuple[str, ...]:
+    """The backends that implement ``op``, in :data:`BACKENDS` order."""
+    if op not in _TABLE:
+        raise ValueError(f"op: expected one of {tuple(sorted(_TABLE))}, got {op!r}")
+    return tuple(name for name in BACKENDS if name in _TABLE[op])
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function implementing ``op`` with ``backend``; a ValueError naming the supported backends otherwise."""
+    impls = _TABLE.get(op, {})
+    if backend not in impls:
+        raise ValueError(f"impl: expected one of {supported_backends(op)} for {op}, got {backend!r}")
+    found = impls[backend]
+    if isinstance(found, str):
+        module, name = found.split(":")
+        found = impls[backend] = getattr(importlib.import_module(module), name)
+    return found
+
+
+def resolve_op(op: str, requested: str, device: torch.device) -> str:
+    """:func:`resolve_backend` for ``op``, with the backends the table holds for it."""
+    return resolve_backend(requested, device, supported_backends(op), op)
+
+
+def op_backends(op: str, device: str | torch.device | None = None) -> dict[str, BackendStatus]:
+    """For ``op``: every backend's availability on ``device`` (default as :func:`backends`), with reasons."""
+    supported = supported_backends(op)
+    return {
+        name: status if name in supported else BackendStatus(False, f"{name} does not implement {op}")
+        for name, status in backends(device).items()
+    }

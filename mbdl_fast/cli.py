@@ -23,7 +23,7 @@ import numpy
 import torch
 
 import mbdl_fast
-from mbdl_fast._extension import build_report
+from mbdl_fast.cuda_extension import build_report
 from mbdl_fast._validate import check_device
 from mbdl_fast.adapt_real import (
     ADAPT_JAC_REG,

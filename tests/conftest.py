@@ -29,6 +29,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().pow(2).sum().sqrt() / b.abs().pow(2).sum().sqrt().clamp_min(1e-30))
 
 
+def require_backend(op: str, backend: str, device: torch.device) -> None:
+    """Skip, with the backend table's reason, where ``backend`` cannot run ``op`` on ``device`` (no GPU for cuda;
+    triton runs everywhere here: in its CPU interpreter where no GPU is visible)."""
+    from mbdl_fast.backends import op_backends
+
+    status = op_backends(op, device)[backend]
+    if not status.available:
+        pytest.skip(f"{backend} cannot run {op} on {device}: {status.reason}")
+
+
 def load_extension():
     """mbdl_fast._C; skipped only where it was not built and could not have been (no nvcc)."""
     import importlib

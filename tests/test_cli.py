@@ -89,7 +89,7 @@ def test_shipped_model_names_are_checkpoints(tmp_path, capsys):
 
 
 def test_info_says_which_cuda_levels_were_built(capsys):
-    from mbdl_fast._extension import build_report
+    from mbdl_fast.cuda_extension import build_report
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out

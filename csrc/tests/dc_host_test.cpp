@@ -22,9 +22,9 @@
 #include <thread>
 #include <vector>
 
-#include "dc_common.h"
-#include "dc_level2.h"
-#include "dc_plan.h"
+#include "dc_step/dc_common.h"
+#include "dc_step/dc_level2.h"
+#include "dc_step/dc_plan.h"
 
 using mbdl_fast::DcArgs;
 using mbdl_fast::DcGeometry;

@@ -9,10 +9,10 @@
 On a CPU every layer runs ``F.conv2d`` with the same semantics (the Triton interpreter is for tests).
 """
 
-from mbdl_fast.layers.choice import clear_conv_choices, conv_choices
 from mbdl_fast.layers.conv import FastConv2d
 from mbdl_fast.layers.convert import fast_layers, to_fast
-from mbdl_fast.layers.functional import conv2d_fused, conv2d_fused_ref
+from mbdl_fast.ops.choice import clear_conv_choices, conv_choices
+from mbdl_fast.ops.conv2d import conv2d_fused, conv2d_fused_ref
 
 __all__ = [
     "FastConv2d",

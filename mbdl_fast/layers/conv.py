@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mbdl_fast.layers.functional import (
+from mbdl_fast.ops.conv2d import (
     ACTIVATIONS,
     apply_epilogue,
     conv2d_fused_op,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mbdl_fast.layers.conv import FastConv2d
-from mbdl_fast.layers.functional import unsupported_reason
+from mbdl_fast.ops.conv2d import unsupported_reason
 from mbdl_fast.priors._common import check_prior_input
 from mbdl_fast.priors.dncnn import DnCNN
 from mbdl_fast.priors.edsr import EDSR, _ResBlock

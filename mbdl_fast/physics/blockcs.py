@@ -164,7 +164,7 @@ class BlockCS(LinearPhysics):
         g = _gamma_in_measurement_space(gamma, y)
         return x - self.A_adjoint(g * (self.A(x) - y), img_size=tuple(x.shape[-2:]))
 
-    def prox_l2(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    def prox_l2_reference(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
         """argmin_x γ/2 ||A x - y||² + 1/2 ||x - z||² = z - γ/(1+γ) A^H(A z - y) (exact since Φ Φ^T = I).
 
         ``gamma``: a scalar or one step per sample ``(B,)``.

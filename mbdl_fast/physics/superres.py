@@ -170,7 +170,7 @@ class SuperResolution(LinearPhysics):
         x = torch.fft.ifft2(spec.conj() * _tile(torch.fft.fft2(y), s))
         return x if y.is_complex() else x.real.contiguous()
 
-    def prox_l2(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    def prox_l2_reference(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
         """argmin_x γ/2 ||A x - y||² + 1/2 ||x - z||², in closed form (module docstring), exact to rounding.
 
         ``gamma``: a scalar or one step per sample ``(B,)``.

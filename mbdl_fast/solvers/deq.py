@@ -41,9 +41,10 @@ from mbdl_fast._validate import (
     check_tensor,
     describe,
     run_unchecked,
+    value_checks_wanted,
 )
 from mbdl_fast.backends import BACKENDS
-from mbdl_fast.dc import _checks_wanted, dc_step
+from mbdl_fast.dc import dc_step
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.solvers.execution import ExecutionCache, check_execution, solve_in_static_buffers
 from mbdl_fast.solvers.fixed_point import MAX_ANDERSON_M, SOLVERS, anderson_solve, fixed_point_solve
@@ -308,7 +309,7 @@ class DEQ(nn.Module):
             x0 = z0
         check_operator("physics", physics, ("A", "A_adjoint", "A_adjoint_A"))
         check_nonempty("y", check_tensor("y", y), "measurements")
-        checks = _checks_wanted(True)
+        checks = value_checks_wanted()
         if checks:
             check_finite("y", y)
         AHy = run_unchecked(physics.A_adjoint, y)

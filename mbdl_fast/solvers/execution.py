@@ -83,7 +83,7 @@ def _physics_key(physics: MultiCoilMRI) -> tuple:
     return (
         tuple(physics.mask.shape),
         tuple(physics._mask_axes),
-        physics._mask_is_binary(),  # one host sync per call: it picks M or M² in the normal operator
+        physics.mask_is_binary(),  # one host sync per call: it picks M or M² in the normal operator
         None if maps is None else (tuple(maps.shape), maps.dtype),
     )
 
@@ -95,9 +95,9 @@ class _StaticMRI(MultiCoilMRI):
         maps = None if physics.coil_maps is None else physics.coil_maps.clone()
         super().__init__(physics.mask.clone(), maps, layout=physics.layout, cg_tol=physics.cg_tol,
                          cg_max_iter=physics.cg_max_iter)  # fmt: skip
-        self._binary = physics._mask_is_binary()
+        self._binary = physics.mask_is_binary()
 
-    def _mask_is_binary(self) -> bool:  # fixed per graph key: no host sync inside a capture
+    def mask_is_binary(self) -> bool:  # fixed per graph key: no host sync inside a capture
         return self._binary
 
     def load(self, source: MultiCoilMRI) -> None:

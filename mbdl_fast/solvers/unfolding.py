@@ -40,9 +40,10 @@ from mbdl_fast._validate import (
     check_operator,
     check_tensor,
     run_unchecked,
+    value_checks_wanted,
 )
 from mbdl_fast.backends import BACKENDS
-from mbdl_fast.dc import _checks_wanted, dc_step
+from mbdl_fast.dc import dc_step
 from mbdl_fast.priors.base import denoise
 from mbdl_fast.prox import prox_l2
 from mbdl_fast.solvers.execution import ExecutionCache, check_execution, unrolled_in_graph
@@ -109,7 +110,7 @@ def _check_solver_inputs(y: torch.Tensor, x0: torch.Tensor | None, physics: obje
     check_nonempty("y", check_tensor("y", y), "measurements")
     if x0 is not None:
         check_nonempty("x0", check_tensor("x0", x0), "image")
-    if _checks_wanted(True):
+    if value_checks_wanted():
         check_finite("y", y)
         if x0 is not None:
             check_finite("x0", x0)

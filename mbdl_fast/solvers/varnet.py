@@ -305,8 +305,8 @@ class VarNet(nn.Module):
         if not isinstance(physics, MultiCoilMRI):
             raise TypeError(f"physics: VarNet expects MultiCoilMRI or MRI, got {type(physics).__name__}")
         if self.sens_net is None or physics.coil_maps is not None:
-            return physics._kspace_in("y", y)
-        return physics._kspace_in("y", y, any_coils=True)
+            return physics.kspace_in("y", y)
+        return physics.kspace_in("y", y, any_coils=True)
 
     def coil_maps(
         self, y: torch.Tensor, physics: nn.Module, num_low_frequencies: int | None = None
@@ -328,13 +328,13 @@ class VarNet(nn.Module):
         if x0 is None:
             k = y
         else:
-            x0_img, _ = physics._image_in("x0", x0)
+            x0_img, _ = physics.image_in("x0", x0)
             k = self.sens_expand(x0_img, maps)
         for cascade in self.cascades:
             k = _maybe_checkpoint(self.checkpointing, cascade, k, y, physics.mask_for(y), maps)
         if self.output == "rss":
             return ifft2c(k).abs().square().sum(dim=1).sqrt()
-        return physics._image_out(self.sens_reduce(k, maps), False)
+        return physics.image_out(self.sens_reduce(k, maps), False)
 
     def forward(
         self,

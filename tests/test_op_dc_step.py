@@ -1,11 +1,14 @@
-"""The fused DC step against the plain-PyTorch reference, forward and backward, on fresh random inputs."""
+"""The MRI DC step op (``mbdl_fast.ops.dc_step``): every backend in the table against ``mri_dc_step_ref``, and
+through the physics (``mbdl_fast.dc_step``) against the operator's plain-PyTorch reference, forward and backward, on
+fresh random inputs. The cuda implementation's own checks (levels, plans, arguments): test_op_dc_step_cuda.py."""
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, require_backend
 
 import mbdl_fast
-from mbdl_fast.backends import backends, resolve_backend
+from mbdl_fast.backends import backends, resolve_backend, supported_backends
+from mbdl_fast.ops.dc_step import mri_dc_step_op, mri_dc_step_ref
 from mbdl_fast.physics.masks import random_mask, variable_density_mask
 from mbdl_fast.physics.mri import MRI, MultiCoilMRI
 
@@ -190,3 +193,39 @@ def test_cuda_backend_matches_reference():
     phys, x, y = make_problem(16, 12, 4, "columns", "cuda")
     ref = phys.dc_step_reference(x, y, 0.8)
     assert rel_err(mbdl_fast.dc_step(phys, x, y, 0.8, backend="cuda"), ref) < TOL[torch.complex64]
+
+
+# ------------------------------------------------------------------------------------------------
+# The op on plain tensors, every backend of the table against its reference
+# ------------------------------------------------------------------------------------------------
+# (H, W, coils, mask kind, what gives A^H y): "y" (then both axes are transformed), "ahy" (A^H y given: only the axis
+# the mask varies along), "none" (A^H y = 0, both axes). Even and odd sizes, one coil without maps, shared maps.
+OP_CASES = [
+    (16, 12, None, "columns", "y"),
+    (15, 9, 3, "columns", "ahy"),
+    (9, 14, 3, "rows", "ahy"),
+    (16, 9, 4, "per_sample", "y"),
+    (12, 10, 2, "2d", "none"),
+]
+
+
+def _c128(t):
+    return None if t is None else t.to(torch.complex128)
+
+
+@pytest.mark.parametrize("backend", supported_backends("mri_dc_step"))
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_every_backend_matches_the_ref(backend, case, device):
+    require_backend("mri_dc_step", backend, device)
+    h, w, coils, mask_kind, given = case
+    phys, x, y = make_problem(h, w, coils, mask_kind, device, seed=len(OP_CASES) + OP_CASES.index(case))
+    dims = phys.transform_dims(h, w) if given == "ahy" else (-2, -1)
+    maps, mask = phys.coil_maps, phys.mask_for(x)
+    ahy = phys.A_adjoint(y) if given == "ahy" else None
+    y_arg = y if given == "y" else None
+    gamma = torch.tensor([0.7, 0.3], device=device)
+    out = mri_dc_step_op(x, maps, mask, y_arg, ahy, gamma, -2 in dims, -1 in dims, backend)
+    args64 = (_c128(x), _c128(maps), mask.double(), _c128(y_arg), _c128(ahy), gamma.double())
+    ref = mri_dc_step_ref(*args64, -2 in dims, -1 in dims)
+    assert out.dtype == torch.complex64 and out.shape == x.shape
+    assert rel_err(out.to(torch.complex128), ref) < TOL[torch.complex64]

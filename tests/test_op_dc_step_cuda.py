@@ -1,5 +1,5 @@
-"""The ``cuda`` backend of the MRI DC step: Level 1 (cuFFT with LTO callbacks, csrc/dc_step.cu) and Level 2 (cuFFTDx
-row/column passes, csrc/dc_fftdx.cu).
+"""The ``cuda`` backend of the MRI DC step: Level 1 (cuFFT with LTO callbacks, csrc/dc_step/dc_step.cu) and Level 2
+(cuFFTDx row/column passes, csrc/dc_step/dc_fftdx.cu): ``mbdl_fast.ops.dc_step.mri_dc_step_cuda`` and its level policy.
 
 Everywhere: the extension imports and says why it cannot run here; each level was built where its headers were
 available (cuFFT; cuFFTDx from nvidia-mathdx); the Level-2 lengths, plans and level choice; forcing Level 2 on sizes
@@ -19,17 +19,10 @@ import torch
 from conftest import load_extension, rel_err
 
 import mbdl_fast
-from mbdl_fast import _extension
-from mbdl_fast._extension import (
-    cuda_dc_level,
-    cuda_dc_level_runs,
-    cuda_extension_status,
-    level1_status,
-    level2_sizes,
-    level2_status,
-    mri_dc_step_cuda,
-)
+from mbdl_fast import cuda_extension
 from mbdl_fast.backends import CUDA_LEVEL_ENV, backends, cuda_level
+from mbdl_fast.cuda_extension import cuda_extension_status, level1_status, level2_sizes, level2_status
+from mbdl_fast.ops.dc_step import cuda_dc_level, cuda_dc_level_runs, mri_dc_step_cuda
 from mbdl_fast.physics.masks import random_mask, variable_density_mask
 from mbdl_fast.physics.mri import MultiCoilMRI
 
@@ -51,7 +44,7 @@ def test_level1_built_where_cufft_headers_were_found():
     else:
         assert detail.startswith("not built: ")
         # The nvidia-cufft wheel importable here is what setup.py builds Level 1 with.
-        assert not _extension.cufft_library_candidates(), f"nvidia-cufft is installed, yet Level 1 was {detail}"
+        assert not cuda_extension.cufft_library_candidates(), f"nvidia-cufft is installed, yet Level 1 was {detail}"
 
 
 def _mathdx_wheel_installed() -> bool:
@@ -164,7 +157,9 @@ def test_forcing_level2_by_environment(monkeypatch):
         with pytest.raises(RuntimeError, match=r"^MBDL_FAST_CUDA_LEVEL=2: the Level-2 DC step is unavailable: "):
             mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
     # The answer of a build without Level 2, wherever this one has it.
-    monkeypatch.setattr(_extension, "level2_status", lambda: (False, "mbdl_fast._C was built without it (no headers)"))
+    monkeypatch.setattr(
+        cuda_extension, "level2_status", lambda: (False, "mbdl_fast._C was built without it (no headers)")
+    )
     with pytest.raises(RuntimeError, match=r"^MBDL_FAST_CUDA_LEVEL=2: the Level-2 DC step is unavailable: .*built wi"):
         mri_dc_step_cuda(x, maps, mask, None, None, gamma, False, True)
 
@@ -186,8 +181,8 @@ def test_level1_status_never_raises(monkeypatch):
     def broken():
         raise OSError("libcufft.so.12: cannot open shared object file")
 
-    monkeypatch.setattr(_extension, "_load", broken)
-    ok, reason = _extension.level1_status.__wrapped__()
+    monkeypatch.setattr(cuda_extension, "_load", broken)
+    ok, reason = cuda_extension.level1_status.__wrapped__()
     assert not ok and "OSError" in reason
 
 

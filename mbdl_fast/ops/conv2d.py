@@ -1,13 +1,13 @@
-"""``conv2d_fused``: convolution with bias, activation, scale and residual add in one call, two implementations.
+"""``conv2d_fused``: convolution with bias, activation, scale and residual add as one fused op, two backends.
 
     out = scale * act(conv2d(x, weight, padding=k//2) + bias) + residual,   act in {none, relu, leaky_relu}
 
 - ``torch``: ``conv2d_fused_ref``, plain PyTorch (F.conv2d and elementwise ops; cuDNN on a GPU,
   oneDNN on a CPU); the readable definition, and the fallback everywhere;
-- ``triton``: ``mbdl_fast.kernels.conv2d``, channels_last implicit GEMM with the epilogue fused;
+- ``triton``: kernels/conv2d.py (``mbdl_fast.kernels.conv2d``), channels_last implicit GEMM with the epilogue fused;
   CUDA tensors, or CPU tensors in the interpreter (``TRITON_INTERPRET=1``, tests only);
 - ``auto`` (CUDA only): whichever of the two is faster for this shape on this GPU, timed once and
-  cached (``mbdl_fast.layers.conv_choices()`` shows the choices).
+  cached (``mbdl_fast.ops.choice``; ``mbdl_fast.layers.conv_choices()`` shows the choices).
 
 The fused implementations run as torch custom ops (``mbdl_fast::conv2d_fused``,
 ``mbdl_fast::conv2d_weight_grad``) with fake implementations and autograd, so ``torch.compile``
@@ -25,16 +25,19 @@ at most 128 input and output channels, float32 / bfloat16 / float16.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from mbdl_fast._validate import describe
-from mbdl_fast.backends import resolve_backend
+from mbdl_fast.backends import implementation, register, resolve_op, supported_backends
+from mbdl_fast.ops.choice import choose
 
+OP = "conv2d_fused"
+WEIGHT_GRAD_OP = "conv2d_weight_grad"
 ACTIVATIONS = ("none", "relu", "leaky_relu")
-IMPLS = ("torch", "triton", "auto")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CHANNELS = 128  # kernels/conv2d.py: one output tile then covers every channel of a pruned prior layer
 
@@ -142,27 +145,24 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def _forward_torch(x, weight, bias, residual, activation, slope, scale, allow_tf32):
     with _cudnn_tf32(allow_tf32):
-        out = conv2d_fused_ref(x, weight, bias, activation, residual, slope, scale)
-    return out.contiguous(memory_format=_memory_format(x))
-
-
-def _forward_triton(x, weight, bias, residual, activation, slope, scale, allow_tf32):
-    from mbdl_fast.kernels.conv2d import conv2d_fused_triton
-
-    out = conv2d_fused_triton(x, weight, bias, residual, activation, slope, scale, allow_tf32)
-    return out.contiguous(memory_format=_memory_format(x))
+        return conv2d_fused_ref(x, weight, bias, activation, residual, slope, scale)
 
 
 def _weight_grad_torch(x, grad_z, kernel_size, allow_tf32):
     shape = (grad_z.shape[1], x.shape[1], kernel_size, kernel_size)
     with _cudnn_tf32(allow_tf32):
-        return torch.nn.grad.conv2d_weight(x, shape, grad_z, padding=kernel_size // 2).contiguous()
+        return torch.nn.grad.conv2d_weight(x, shape, grad_z, padding=kernel_size // 2)
 
 
-def _weight_grad_triton(x, grad_z, kernel_size, allow_tf32):
-    from mbdl_fast.kernels.conv2d import conv2d_weight_grad_triton
+_CHOICE_NAMES = {OP: "conv2d", WEIGHT_GRAD_OP: "conv2d_weight_grad"}  # the names conv_choices() shows
 
-    return conv2d_weight_grad_triton(x, grad_z, kernel_size, allow_tf32).to(x.dtype).contiguous()
+
+def _run(op: str, impl: str, key: tuple, args: tuple) -> torch.Tensor:
+    """``op``'s ``impl`` on ``args``; ``impl="auto"`` runs the implementation timed fastest for ``key`` (once)."""
+    if impl == "auto":
+        candidates = {name: functools.partial(implementation(op, name), *args) for name in supported_backends(op)}
+        impl = choose(_CHOICE_NAMES[op], key, candidates)
+    return implementation(op, impl)(*args)
 
 
 def _shape_key(x: torch.Tensor, *rest) -> tuple:
@@ -183,19 +183,13 @@ def conv2d_fused_op(
 ) -> torch.Tensor:
     """scale * act(conv2d(x, weight) + bias) + residual by ``impl`` ("torch", "triton", "auto": timed once per shape).
 
-    The output has x's memory format (channels_last in, channels_last out).
+    x (N, C_in, H, W); weight (C_out, C_in, k, k); bias (C_out,) or None; residual (N, C_out, H, W) or None. Every
+    implementation takes ``(x, weight, bias, residual, activation, negative_slope, scale, allow_tf32)``. The output
+    has x's memory format (channels_last in, channels_last out).
     """
     args = (x, weight, bias, residual, activation, negative_slope, scale, allow_tf32)
-    if impl == "auto":
-        from mbdl_fast.layers.choice import choose
-
-        key = _shape_key(x, tuple(weight.shape), bias is not None, activation, residual is not None, allow_tf32)
-        impl = choose("conv2d", key, {"torch": lambda: _forward_torch(*args), "triton": lambda: _forward_triton(*args)})
-    if impl == "triton":
-        return _forward_triton(*args)
-    if impl == "torch":
-        return _forward_torch(*args)
-    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    key = _shape_key(x, tuple(weight.shape), bias is not None, activation, residual is not None, allow_tf32)
+    return _run(OP, impl, key, args).contiguous(memory_format=_memory_format(x))
 
 
 @conv2d_fused_op.register_fake
@@ -208,19 +202,11 @@ def _(x, weight, bias, residual, activation, negative_slope, scale, allow_tf32, 
 def conv2d_weight_grad_op(
     x: torch.Tensor, grad_z: torch.Tensor, kernel_size: int, allow_tf32: bool, impl: str
 ) -> torch.Tensor:
-    """dL/dweight (C_out, C_in, k, k) of conv2d(x, weight, padding=k//2) for output gradient ``grad_z``."""
+    """dL/dweight (C_out, C_in, k, k) of conv2d(x, weight, padding=k//2) for output gradient ``grad_z``; every
+    implementation takes ``(x, grad_z, kernel_size, allow_tf32)``."""
     args = (x, grad_z, kernel_size, allow_tf32)
-    if impl == "auto":
-        from mbdl_fast.layers.choice import choose
-
-        key = _shape_key(x, grad_z.shape[1], kernel_size, allow_tf32)
-        impl = choose("conv2d_weight_grad", key, {"torch": lambda: _weight_grad_torch(*args),
-                                                   "triton": lambda: _weight_grad_triton(*args)})  # fmt: skip
-    if impl == "triton":
-        return _weight_grad_triton(*args)
-    if impl == "torch":
-        return _weight_grad_torch(*args)
-    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    key = _shape_key(x, grad_z.shape[1], kernel_size, allow_tf32)
+    return _run(WEIGHT_GRAD_OP, impl, key, args).to(x.dtype).contiguous()
 
 
 @conv2d_weight_grad_op.register_fake
@@ -282,8 +268,8 @@ def resolve_conv_backend(backend: str, x: torch.Tensor, reason: str | None) -> s
     if backend == "auto":
         if reason is not None or x.device.type != "cuda":
             return "torch"
-        return "auto" if resolve_backend("auto", x.device, ("torch", "triton")) == "triton" else "torch"
-    name = resolve_backend(backend, x.device, ("torch", "triton"))
+        return "auto" if resolve_op(OP, "auto", x.device) == "triton" else "torch"
+    name = resolve_op(OP, backend, x.device)
     if name == "triton" and reason is not None:
         raise ValueError(f"backend: 'triton' cannot run this convolution: {reason}")
     return name
@@ -319,3 +305,9 @@ def conv2d_fused(
         return conv2d_fused_ref(x, weight, bias, activation, residual, negative_slope, scale)
     return conv2d_fused_op(x, weight, bias, residual, activation, float(negative_slope), float(scale),
                            bool(allow_tf32), impl)  # fmt: skip
+
+
+register(OP, "torch", _forward_torch)
+register(OP, "triton", "mbdl_fast.kernels.conv2d:conv2d_fused_triton")
+register(WEIGHT_GRAD_OP, "torch", _weight_grad_torch)
+register(WEIGHT_GRAD_OP, "triton", "mbdl_fast.kernels.conv2d:conv2d_weight_grad_triton")
