@@ -23,7 +23,6 @@ import numpy
 import torch
 
 import mbdl_fast
-from mbdl_fast.cuda_extension import build_report
 from mbdl_fast._validate import check_device
 from mbdl_fast.adapt_real import (
     ADAPT_JAC_REG,
@@ -33,6 +32,7 @@ from mbdl_fast.adapt_real import (
     ADAPT_STRATEGIES,
     adapt_checkpoint,
 )
+from mbdl_fast.cuda_extension import build_report
 from mbdl_fast.data import load_brain_slices, load_natural_images
 from mbdl_fast.demo import run_demo
 from mbdl_fast.demo_real import run_real_demo
