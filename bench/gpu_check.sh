@@ -198,16 +198,17 @@ stage_build() { # a missing wheel fails the stage, after building what can be bu
   gpu install_wheels || wheels=1
   gpu build_package && gpu extension_report >"$RES/extension.txt" && cat "$RES/extension.txt" && return "$wheels"
 }
-# -k by name: test_cuda_backend.py's items all match "cuda" (its module name); test_build.py's CPU reference loop
-# is left out.
+# -k by name: test_op_dc_step_cuda.py's items all match "cuda" (its module name); the CPU reference loops are left
+# out.
 stage_tests_cuda_l1() {
-  gpu run_pytest tests/test_cuda_backend.py tests/test_prox.py tests/test_dc_step.py tests/test_build.py \
+  gpu run_pytest tests/test_op_dc_step_cuda.py tests/test_op_mri_prox.py tests/test_op_dc_step.py tests/test_build.py \
     -k "(cuda or kspace) and not level2 and not ref_matches_loop"
 }
-stage_tests_cuda_l2() { gpu run_pytest tests/test_cuda_backend.py -k level2; }
+stage_tests_cuda_l2() { gpu run_pytest tests/test_op_dc_step_cuda.py -k level2; }
 stage_tests_triton() { # $(xdist) unquoted: empty or two words
   # shellcheck disable=SC2046
-  gpu run_pytest tests/test_dc_step.py tests/test_prox.py tests/test_layers.py tests/test_accelerate.py $(xdist) \
+  gpu run_pytest tests/test_op_dc_step.py tests/test_op_mri_prox.py tests/test_op_mri_forward.py tests/test_op_conv2d.py \
+    tests/test_layers.py tests/test_accelerate.py tests/test_execution.py $(xdist) \
     -k "not (cuda_backend or cuda_kspace or cuda_single or cuda_multi or cuda_prox or kspace)"
 }
 stage_bench_dc_step() { gpu run_pytest bench/test_bench_dc_step.py --benchmark-json="$RES/dc_step_gpu.json"; }
@@ -221,8 +222,9 @@ stage_bench_ladder() {
 stage_bench_nm() { gpu run_pytest bench/test_bench_nm.py --benchmark-json="$RES/nm_gpu.json"; }
 stage_tests_rest() {
   # shellcheck disable=SC2046
-  gpu run_pytest tests $(xdist) --ignore=tests/test_cuda_backend.py --ignore=tests/test_prox.py \
-    --ignore=tests/test_dc_step.py --ignore=tests/test_layers.py --ignore=tests/test_accelerate.py
+  gpu run_pytest tests $(xdist) --ignore=tests/test_op_dc_step_cuda.py --ignore=tests/test_op_mri_prox.py \
+    --ignore=tests/test_op_dc_step.py --ignore=tests/test_op_mri_forward.py --ignore=tests/test_op_conv2d.py \
+    --ignore=tests/test_layers.py --ignore=tests/test_accelerate.py --ignore=tests/test_execution.py
 }
 export -f gpu smi_query tool_versions torch_versions install_wheels build_package extension_report run_pytest xdist standin in_list
 mapfile -t STAGE_FUNCTIONS < <(compgen -A function stage_)
