@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help=f"output directory for checkpoints and config.json (default: {defaults.out})")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     train.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last")
+    train.add_argument("--keep-epochs", dest="keep_epochs", action="store_true", default=None,
+                       help="also save every epoch's weights as OUT/model_epochN")  # fmt: skip
     train.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     train.set_defaults(func=_train)
 

@@ -97,6 +97,9 @@ class TrainConfig:
     slow_target: float = 0.9
     seed: int = 0
     out: str = "runs/train"
+    # also keep every epoch's weights (model_epoch<N>), to choose an epoch afterwards on another criterion than
+    # the val PSNR that picks model_best (e.g. convergence under more mask draws)
+    keep_epochs: bool = False
     resume: bool = False
     device: str | None = None
 
@@ -175,8 +178,9 @@ def _check_values(cfg: TrainConfig) -> None:
         raise ValueError(f"jac_reg: the Jacobian regulariser is for DEQ models, got model {cfg.model!r}")
     if not isinstance(cfg.out, str) or not cfg.out:
         raise TypeError(f"out: expected an output directory, got {cfg.out!r}")
-    if not isinstance(cfg.resume, bool):
-        raise TypeError(f"resume: expected true or false, got {cfg.resume!r}")
+    for flag in ("resume", "keep_epochs"):
+        if not isinstance(getattr(cfg, flag), bool):
+            raise TypeError(f"{flag}: expected true or false, got {getattr(cfg, flag)!r}")
     if cfg.device is not None:
         check_device("device", cfg.device)
 

@@ -65,7 +65,7 @@ __all__ = [
 # the DEQ regularisers' per-epoch means as the training log prints them: (record key, label, format)
 _REGULARISER_LOG = (("jac_loss", "jac", ".3g"), ("slow_gain", "gain", ".3f"), ("train_iterations", "it.", ".1f"))
 #: Settings a resumed run may change: they do not alter what it computes.
-RESUME_MAY_CHANGE = ("resume", "device", "out")
+RESUME_MAY_CHANGE = ("resume", "device", "out", "keep_epochs")
 
 
 def _check_resume(cfg: TrainConfig, out_dir: Path, saved: dict[str, Any] | None) -> None:
@@ -148,7 +148,7 @@ def evaluate(cfg: TrainConfig, model: torch.nn.Module, dataset: Dataset, device:
 
 
 def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Train ``cfg``; returns the history. Checkpoints go to ``cfg.out`` (``last`` and ``best`` by val PSNR).
+    """Train ``cfg``; returns the history. Checkpoints go to ``cfg.out`` (``last`` and ``best`` by val PSNR; with ``cfg.keep_epochs`` also ``model_epoch<N>``, N from 1).
 
     ``stop_after`` ends this call after that many epochs (the schedule still spans ``cfg.epochs``), so
     a long run can be split into calls resumed with ``cfg.resume``.
@@ -252,6 +252,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 generators={f"noise/rank{r}": noise for r, noise in enumerate(noise_states)},
             )  # fmt: skip
             save_model(unwrap(model), out_dir / "model_last", metadata=meta)
+            if cfg.keep_epochs:
+                save_model(unwrap(model), out_dir / f"model_epoch{epoch + 1}", metadata=meta)
             if metrics["psnr"] > best:
                 best = metrics["psnr"]
                 save_model(unwrap(model), out_dir / "model_best", metadata=meta)

@@ -51,6 +51,21 @@ def test_train_writes_loadable_checkpoints_with_config(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_keep_epochs_saves_every_epoch_and_the_last_equals_model_last(tmp_path):
+    result = run({**TINY_DEQ, "epochs": 2, "keep_epochs": True}, tmp_path)
+    assert [read_metadata(tmp_path / f"model_epoch{n}")["epoch"] for n in (1, 2)] == [0, 1]
+    assert not (tmp_path / "model_epoch3.json").exists()
+    last, kept = load_model(tmp_path / "model_last"), load_model(tmp_path / "model_epoch2")
+    for a, b in zip(last.state_dict().values(), kept.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert len(result["history"]) == 2
+
+
+def test_keep_epochs_must_be_a_bool():
+    with pytest.raises(TypeError, match="keep_epochs: expected true or false"):
+        TrainConfig.from_dict({**TINY_DEQ, "keep_epochs": "yes"})
+
+
 def test_resume_continues_where_it_stopped(tmp_path):
     run({**TINY_DEQ, "epochs": 2}, tmp_path / "a", stop_after=1)
     resumed = run({**TINY_DEQ, "epochs": 2, "resume": True}, tmp_path / "a")
