@@ -123,7 +123,7 @@ def _train_phase(problem, report: dict, args, out: Path, models_dir: Path) -> No
             report["rows"].append(row)
             report["header"]["train_seconds"] = time.perf_counter() - started
             t, d = row["tuned"], report["dense"]
-            print(f"{strategy:>16} ratio {ratio:.1f}: params {t['params']}, PSNR {t['psnr']:.2f} dB (dense "
+            print(f"{strategy:>16} ratio {ratio:g}: params {t['params']}, PSNR {t['psnr']:.2f} dB (dense "
                   f"{d['psnr']:.2f}, one-shot {one_shot['psnr']:.2f}), dPSNR {t['dpsnr']['mean']:+.2f} "
                   f"[{t['dpsnr']['ci_low']:+.2f}, {t['dpsnr']['ci_high']:+.2f}], iterations {_iterations(t)} vs "
                   f"{_iterations(d)}, converged {_converged(t)}", flush=True)  # fmt: skip
@@ -205,7 +205,7 @@ def _write(out: Path, report: dict) -> str:
         widths = sorted(set(r["widths"]))
         dp, ds = t["dpsnr"], t["dssim"]
         lines.append(
-            f"| {r['strategy']} | {r['epochs']}, {r['lr']:g} | {r['ratio']:.1f} | {'/'.join(map(str, widths))} | "
+            f"| {r['strategy']} | {r['epochs']}, {r['lr']:g} | {r['ratio']:g} | {'/'.join(map(str, widths))} | "
             f"{t['params']} | {t['macs_per_prior_call'] / 1e9:.3f} | {o['psnr']:.2f} | {t['psnr']:.2f} | "
             f"{dp['mean']:+.2f} [{dp['ci_low']:+.2f}, {dp['ci_high']:+.2f}] | {t['ssim']:.4f} | {ds['mean']:+.4f} | "
             f"{_iterations(t)} | {_converged(t)} | {_ms(secs.get(key))} | {speed} |"
@@ -242,7 +242,7 @@ def _plot(report: dict, path: Path) -> None:
         ys = [r["tuned"]["psnr"] for r in sel]
         ax.plot(xs, ys, "o-", label=strategy)
         for r, x, y in zip(sel, xs, ys, strict=True):
-            ax.annotate(f"{r['ratio']:.1f}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            ax.annotate(f"{r['ratio']:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     d = report["dense"]
     ax.plot([secs["dense"] * 1e3], [d["psnr"]], "k*", markersize=12, label="dense")
     ax.axhline(d["psnr"] - 0.1, color="gray", lw=0.8, ls="--", label="dense − 0.1 dB")
